@@ -47,6 +47,7 @@ class EmbeddedModel:
     licence: str
     description: str
     locate: Callable[["EmbeddedModel"], Path] | None = None  # returns the GGUF path; default: in the package dir
+    requires_bos: bool = False  # the model misbehaves unless every prompt starts with its bos token
 
 
 def _gemma_gguf(spec: EmbeddedModel) -> Path:
@@ -54,7 +55,7 @@ def _gemma_gguf(spec: EmbeddedModel) -> Path:
     if importlib.util.find_spec(spec.package) is None:
         raise _not_installed(spec)
     module = importlib.import_module(spec.package)
-    return Path(module.assemble())
+    return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
 
 
 KNOWN_MODELS: dict[str, EmbeddedModel] = {
@@ -75,6 +76,7 @@ KNOWN_MODELS: dict[str, EmbeddedModel] = {
         licence="Gemma Terms of Use (not an OSI licence: opt-in, never installed by default)",
         description="Gemma-3-270M base model; prompts must start with <bos>",
         locate=_gemma_gguf,
+        requires_bos=True,
     ),
 }
 TINY_RANDOM = "tiny-random"
@@ -175,7 +177,7 @@ class LoadedModel:
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     name: str  # what the user asked for; goes into every record's provenance
     path: str | None  # where the weights came from (None for in-memory models)
-    bos_prefix: str = ""  # text every prompt must start with (Gemma needs "<bos>")
+    bos_prefix: str = ""  # text put before every prompt, for models that need a bos the tokenizer omits
 
     @property
     def context_length(self) -> int:
@@ -203,9 +205,12 @@ def load_model(
         return LoadedModel(model, tokenizer, TINY_RANDOM, None)
     if name_or_path in KNOWN_MODELS:
         path = prepare(name_or_path)
-        bos = "<bos>" if name_or_path == "gemma3-270m" else ""
-        return _load_directory(str(path), name_or_path, dtype, device_map, quantize, trust_remote_code,
-                               allow_pickle, bos)
+        loaded = _load_directory(str(path), name_or_path, dtype, device_map, quantize, trust_remote_code,
+                                 allow_pickle, "")
+        tokenizer = loaded.tokenizer
+        if KNOWN_MODELS[name_or_path].requires_bos and tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+            loaded.bos_prefix = tokenizer.bos_token  # the tokenizer does not add it by itself
+        return loaded
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

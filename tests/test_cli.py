@@ -21,14 +21,17 @@ def test_run_runs_stages_then_skips_finished_ones(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
     argv = ["run", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
-            "-p", "prompts", str(prompts), "-p", "max_new_tokens", "4"]
+            "-p", "prompts", str(prompts), "-p", "max_new_tokens", "4", "-p", "types_limit", "2",
+            "-p", "n_self_instruct", "2", "-p", "max_rounds", "1", "-p", "list_max_new_tokens", "16"]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "r" / "baseline" / "answers.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["a", "b"]  # written in completion order
     assert rows[0]["provenance"]["model"] == "tiny-random"
     assert rows[0]["provenance"]["generation"]["max_new_tokens"] == 4
+    assert json.loads((tmp_path / "r" / "prompts" / "manifest.json").read_text())["status"] == "finished"
     assert main(argv) == 0
-    assert "finished earlier, skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[prompts] finished earlier, skipped" in out and "[baseline] finished earlier, skipped" in out
     assert main(["status", "--run", "r", "--runs-dir", str(tmp_path)]) == 0
     assert "finished" in capsys.readouterr().out
 

