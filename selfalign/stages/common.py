@@ -18,7 +18,9 @@ def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Eng
     if not todo:
         return 0
     written = 0
-    for index, completion in engine.stream([text for _, text in todo], params, shared_prefix):
+    texts, keys = [text for _, text in todo], [key for key, _ in todo]
+    # Seeding by record key makes each record's sample the same whether or not the run was resumed.
+    for index, completion in engine.stream(texts, params, shared_prefix, keys=keys):
         key, text = todo[index]
         written += writer.write(make_record(key, text, completion))
     return written
