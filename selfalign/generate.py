@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Protocol, Sequence
 
 FINISH_REASONS = ("stop", "eos", "length")
@@ -73,7 +73,7 @@ class Completion:
 class Backend(Protocol):
     name: str
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+    def count_tokens(self, texts: Sequence[str], shared_prefix: str | None = None) -> list[int]: ...
 
     def stream_batch(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
                      shared_prefix: str | None, max_prompt_tokens: int | None) -> list[Completion]:
@@ -115,7 +115,6 @@ class Engine:
     truncate: str | None = None  # None: refuse prompts that do not fit; "left": cut their start, with a warning
     progress: bool = True
     context_length: int = 2048
-    _warned: set = field(default_factory=set, repr=False)
 
     @classmethod
     def for_model(cls, loaded, **options) -> "Engine":
@@ -148,7 +147,7 @@ class Engine:
             if self.truncate:
                 raise ValueError("truncate='left' would cut the shared prefix; shorten the prompts instead")
         prompts = list(prompts)
-        lengths = self.backend.count_tokens(prompts)
+        lengths = self.backend.count_tokens(prompts, shared_prefix)
         budget = self.context_length - params.max_new_tokens
         for i, n in enumerate(lengths):
             if n > budget and self.truncate is None:
@@ -179,8 +178,8 @@ class HFBackend:
 
     Sampling is done by `_NucleusSampler` inside greedy `generate`: it draws each row's token from
     that row's own generator and hands generate a one-hot score, which greedy search then picks.
-    Besides per-prompt seeds, this is about 35% faster at batch 16 on CPU than transformers' top-p
-    warper, which sorts the whole vocabulary of every row at every step.
+    Besides per-prompt seeds, this gave 18% more tokens/s at batch 16 on CPU than transformers'
+    top-p warper, which sorts the whole vocabulary of every row at every step (benchmarks/RESULTS.md).
     """
 
     name = "hf"
@@ -189,13 +188,13 @@ class HFBackend:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self._prefix_cache: dict[str, tuple[list[int], object]] = {}
+        self._prefix_cache: dict[str, object] = {}  # shared prefix -> its key/value cache
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(self._encode(t)) for t in texts]
+    def count_tokens(self, texts: Sequence[str], shared_prefix: str | None = None) -> list[int]:
+        return [len(self._split_encode(t, shared_prefix)) for t in texts]
 
     def _split_encode(self, text: str, shared_prefix: str | None) -> list[int]:
         # With a shared prefix, prefix and rest are tokenized apart, so that every prompt's first
@@ -203,10 +202,7 @@ class HFBackend:
         if shared_prefix is None:
             return self._encode(text)
         rest = text[len(shared_prefix):]
-        return self._prefix_ids(shared_prefix) + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
-
-    def _prefix_ids(self, shared_prefix: str) -> list[int]:
-        return self._encode(shared_prefix)
+        return self._encode(shared_prefix) + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
 
     def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None):
         import torch
@@ -218,7 +214,7 @@ class HFBackend:
         device = self.model.device
         prefix_len = 0
         if shared_prefix is not None:
-            prefix_ids = self._prefix_ids(shared_prefix)
+            prefix_ids = self._encode(shared_prefix)
             prefix_len = len(prefix_ids)
             # The gap between prefix and suffix is padded (masked), so that all rows share the
             # cached prefix positions; position ids come from the mask, so the suffix's positions

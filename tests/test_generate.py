@@ -145,7 +145,7 @@ def test_engine_sorts_by_length_and_seeds_by_batch_content():
         def __init__(self):
             self.calls = []
 
-        def count_tokens(self, texts):
+        def count_tokens(self, texts, shared_prefix=None):
             return [len(t) for t in texts]
 
         def stream_batch(self, prompts, params, seeds, shared_prefix, max_prompt_tokens):

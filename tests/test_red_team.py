@@ -24,7 +24,7 @@ class ScriptedBackend:
         self.batches = 0
         self.fail_after_batches = fail_after_batches
 
-    def count_tokens(self, texts):
+    def count_tokens(self, texts, shared_prefix=None):
         return [len(t.split()) for t in texts]
 
     def stream_batch(self, prompts, params, seed, shared_prefix, max_prompt_tokens):
@@ -56,7 +56,7 @@ class ScriptedBackend:
 
 def config(tmp_path, **overrides):
     settings = dict(run="r", runs_dir=str(tmp_path), model="scripted", n_self_instruct=5, calls_per_round=3,
-                    types_limit=5, topics_per_type=2, questions_per_topic=2, batch_size=4)
+                    types_limit=5, topics_per_type=2, n_per_topic=2, batch_size=4)
     return PromptsConfig(**{**settings, **overrides})
 
 

@@ -56,7 +56,7 @@ class PromptsConfig:
     k_generated: int = 1  # generated prompts shown too, once there are some
     types_limit: int = 0  # use the first N instruction types (0: all)
     topics_per_type: int = 2
-    questions_per_topic: int = 1
+    n_per_topic: int = 1  # questions written per (type, topic)
     max_rounds: int = 4  # bound on Self-Instruct rounds and on brainstorming rounds
     rouge_threshold: float = 0.7
     min_words: int = 3
@@ -327,7 +327,7 @@ def _red_team(config, types, topics, templates, kept, complete, prompts, drops) 
         for ti, topic in enumerate(topics[t.id]):
             text = templates["questions"].format(name=t.name, description=t.description, examples=examples,
                                                  topic=topic)
-            for j in range(config.questions_per_topic):
+            for j in range(config.n_per_topic):
                 key = f"rt-{t.id}-{ti}-{j}"
                 calls.append((key, text))
                 fields[key] = {"source": "red_team", "type": t.id, "topic": topic,
@@ -344,3 +344,30 @@ def _red_team(config, types, topics, templates, kept, complete, prompts, drops) 
 
 def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
+
+
+def tables(run_name: str, runs_dir: str = "runs") -> dict:
+    """The stage's prompts, topics and drops as pandas DataFrames, for notebooks and reports."""
+    import pandas as pd
+
+    stage = Run(run_name, runs_dir).stage(STAGE)
+    frames = {}
+    for name in ("prompts", "topics", "drops"):
+        path = stage.path / f"{name}.jsonl"
+        frames[name] = pd.DataFrame(stage.read(path.name) if path.exists() else [])
+    return frames
+
+
+def plot_prompts_per_type(prompts, ax=None):
+    """Horizontal bars: kept prompts per red-team type, with Self-Instruct as one more bar."""
+    import matplotlib.pyplot as plt
+
+    labels = prompts["type"].fillna("(self-instruct)") if len(prompts) else prompts.get("type", [])
+    counts = labels.value_counts().sort_values() if len(prompts) else []
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 0.25 * max(len(counts), 4) + 1))
+    if len(counts):
+        counts.plot.barh(ax=ax, color=["#999" if k == "(self-instruct)" else "#3a7" for k in counts.index])
+    ax.set_xlabel("kept prompts")
+    ax.set_title("Stage 1 prompts by source and red-team type")
+    return ax

@@ -1,0 +1,92 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. Topic-guided red-teaming self-instruct
+#
+# **What this stage does.** Starting from a few dozen human-written seed prompts
+# (`principles/seed_prompts.jsonl`), the base model writes the prompts that the rest of SELF-ALIGN
+# trains on. Two sources are mixed:
+#
+# - *Self-Instruct*: the model continues a numbered list of sampled seed prompts, and each new
+#   list item becomes a candidate prompt.
+# - *Topic-guided red-teaming*: for each adversarial instruction type in
+#   `principles/red_team_types.yaml` (questions that need real-time information, personal
+#   opinions, legal expertise, ...), the model first brainstorms topics, then writes a question
+#   for each (type, topic) pair after a couple of seed questions of that type.
+#
+# **Why.** The red-team types are the situations where an unaligned model goes wrong: it invents
+# facts, claims opinions or knowledge it cannot have. Stage 2 needs many such prompts for its
+# principles to matter, and writing them by hand does not scale; the paper generated about 360,000.
+#
+# **What to look at.** How many prompts each type produced, why candidates were dropped (too
+# short, a task needing images or files, or a near-duplicate by ROUGE-L), and whether the
+# questions really are of their type. With a 135M model expect rough text; the pipeline is the
+# same one that LLaMA-65B runs.
+
+# %% tags=["parameters"]
+run_name: str = "demo"  # results go to runs/<run_name>/prompts/
+model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
+n_self_instruct: int = 16  # Self-Instruct prompts to keep
+types_limit: int = 0  # use only the first N red-team types (0: all 20)
+topics_per_type: int = 2  # topics brainstormed per type
+n_per_topic: int = 1  # questions written per (type, topic)
+seed: int = 0  # sampling seed
+
+# %%
+from selfalign.stages import red_team
+
+config = red_team.PromptsConfig(run=run_name, model=model, n_self_instruct=n_self_instruct,
+                                types_limit=types_limit, topics_per_type=topics_per_type,
+                                n_per_topic=n_per_topic, seed=seed)
+manifest = red_team.run(config)
+{k: v for k, v in manifest["counts"].items() if k != "drops"}
+
+# %% [markdown]
+# ## What was kept
+#
+# Each bar is one red-team type; the grey bar is Self-Instruct. The types are balanced by
+# construction: every type gets the same number of topics and questions per topic, so a short
+# bar means its questions were dropped.
+
+# %%
+frames = red_team.tables(run_name)
+prompts = frames["prompts"]
+red_team.plot_prompts_per_type(prompts);
+
+# %%
+prompts[["source", "type", "topic", "prompt"]].sample(min(12, len(prompts)), random_state=seed)
+
+# %% [markdown]
+# ## What was dropped, and why
+#
+# Every candidate that did not make it is in `drops.jsonl` with its reason. The near-duplicate
+# filter compares each candidate with every seed and every kept prompt by ROUGE-L, exactly as
+# the reference `rouge_score` package would, but hundreds of times faster (see
+# `benchmarks/RESULTS.md`).
+
+# %%
+drops = frames["drops"]
+drops["reason"].str.split(" \\(").str[0].value_counts().rename("candidates").to_frame()
+
+# %% [markdown]
+# ## The topics the model invented
+#
+# Topics are deduplicated case-insensitively within each type, and each type keeps at most
+# `topics_per_type` of them.
+
+# %%
+frames["topics"].groupby("type")["topic"].apply(", ".join).to_frame()

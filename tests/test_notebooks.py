@@ -1,0 +1,38 @@
+"""The notebooks: each .py percent file is in sync with its .ipynb, and each runs top to bottom."""
+
+import jupytext
+import pytest
+
+from conftest import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
+# Small, CPU-quick settings, injected after the parameters cell as papermill would.
+TINY = {"model": "tiny-random", "run_name": "nbtest", "n_self_instruct": 2, "types_limit": 2,
+        "max_new_tokens": 8}
+
+
+def cells(notebook):
+    return [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in notebook.cells]
+
+
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
+def test_pair_is_in_sync(source):
+    paired = source.with_suffix(".ipynb")
+    assert paired.exists(), f"{paired.name} is missing: run `jupytext --sync {source}`"
+    ipynb = jupytext.read(paired)
+    assert cells(jupytext.read(source)) == cells(ipynb), f"run `jupytext --sync {source}`"
+    assert ipynb.metadata.get("kernelspec", {}).get("name"), "papermill needs the kernel name"
+    tagged = [c for c in ipynb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged `parameters`"
+
+
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_headless_on_a_tiny_model(source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for cell in jupytext.read(source).cells:
+        if cell.cell_type != "code":
+            continue
+        exec(compile(cell.source, f"{source.name}", "exec"), namespace)
+        if "parameters" in cell.metadata.get("tags", []):
+            namespace.update({k: v for k, v in TINY.items() if k in namespace})
