@@ -12,11 +12,13 @@ from .generate import SamplingParams
 from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, converted_dir, load_model, prepare
 from .prompts import PromptFileError
 from .records import Run, RunError
-from .stages import baseline, red_team
+from .principles import PrincipleError
+from .stages import baseline, red_team, self_align
 
 # Stages in pipeline order: name -> (config class, run function). Later stages add themselves here.
 STAGES = {
     "prompts": (red_team.PromptsConfig, red_team.run),
+    "self-align": (self_align.SelfAlignConfig, self_align.run),
     "baseline": (baseline.BaselineConfig, baseline.run),
 }
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ModelError, RunError, PromptFileError, ValueError) as error:
+    except (ModelError, RunError, PromptFileError, PrincipleError, ValueError) as error:
         print(f"selfalign: error: {error}", file=sys.stderr)
         return 1
 
@@ -129,7 +131,7 @@ def _run(args) -> int:
     overrides.update(run=args.run, runs_dir=args.runs_dir, model=args.model)
     loaded = None
     for name, (config_class, run_stage) in STAGES.items():
-        stage = Run(args.run, args.runs_dir).stage(name)
+        stage = Run(args.run, args.runs_dir).stage(name.replace("-", "_"))
         if stage.finished:
             print(f"[{name}] finished earlier, skipped ({stage.path})")
             continue

@@ -296,7 +296,7 @@ def _ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def tiny_random_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, context: int = 2048):
+def tiny_random_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, context: int = 8192):
     """A random-weight Llama and a byte-level BPE tokenizer, built in memory in about a second.
 
     Its text is nonsense; it exists so that tests and smoke runs exercise the real code paths

@@ -17,6 +17,33 @@ class PromptFileError(ValueError):
     pass
 
 
+def read_yaml(path: str | Path, error: type[ValueError] = PromptFileError) -> dict:
+    """A YAML file holding a mapping, or `error` naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as problem:
+        raise error(f"{path}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def check_templates(path, templates: dict, needs: dict[str, list[str]], error: type[ValueError] = PromptFileError):
+    """Each template in `needs` exists and holds the {fields} the code fills or the parser relies on."""
+    for key, fields in needs.items():
+        text = templates.get(key)
+        if not isinstance(text, str):
+            raise error(f"{path}: template '{key}' is missing")
+        absent = [f for f in fields if f not in text]
+        if absent:
+            raise error(f"{path}: template '{key}' lacks {', '.join(absent)}")
+
+
 def load_prompts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():

@@ -58,6 +58,8 @@ SCHEMAS = {
         Schema("drop", 1, {"id": str, "reason": str}),
         Schema("prompt", 1, {"id": str, "prompt": str, "source": str, "seeds": list, "provenance": dict}),
         Schema("topic", 1, {"id": str, "type": str, "topic": str}),
+        Schema("response", 1, {"id": str, "prompt": str, "thoughts": str, "answer": str, "triggers": list,
+                               "provenance": dict}),
     ]
 }
 

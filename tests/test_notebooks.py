@@ -8,7 +8,9 @@ from conftest import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 # Small, CPU-quick settings, injected after the parameters cell as papermill would.
 TINY = {"model": "tiny-random", "run_name": "nbtest", "n_self_instruct": 2, "types_limit": 2,
-        "max_new_tokens": 8}
+        "max_new_tokens": 8, "limit": 4, "ablation_prompts": 2,
+        # stage 2 on its own needs prompts; a random model's stage 1 keeps few or none
+        "prompts_file": str(REPO / "principles" / "seed_prompts.jsonl")}
 
 
 def cells(notebook):

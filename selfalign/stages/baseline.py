@@ -43,14 +43,12 @@ def run(config: BaselineConfig, loaded=None) -> dict:
     """Answer the prompts; resume where an earlier run stopped. Returns the stage's manifest."""
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
-    if not config.prompts:
-        generated = run_dir.root / "prompts" / "prompts.jsonl"
-        config.prompts = str(generated if generated.exists() else PRINCIPLES_DIR / "seed_prompts.jsonl")
     settings = {k: v for k, v in asdict(config).items() if k not in ("run", "runs_dir", "restart", "batch_size")}
     settings["stop"] = list(config.stop)
     stage.start(settings, restart=config.restart)
 
-    prompts = load_prompts(config.prompts)
+    generated = run_dir.root / "prompts" / "prompts.jsonl"
+    prompts = load_prompts(config.prompts or (generated if generated.exists() else PRINCIPLES_DIR / "seed_prompts.jsonl"))
     if config.limit:
         prompts = prompts[: config.limit]
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p,

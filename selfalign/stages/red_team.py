@@ -25,12 +25,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from ..dedup import rouge_l_filter
 from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
-from ..prompts import PRINCIPLES_DIR, PromptFileError, load_prompts
+from ..prompts import PRINCIPLES_DIR, PromptFileError, check_templates, load_prompts, read_yaml
 from ..records import Run, provenance
 from .common import generate_into
 
@@ -82,8 +80,7 @@ class RedTeamType:
 
 
 def load_red_team_types(path: str | Path) -> list[RedTeamType]:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    entries = data.get("types") if isinstance(data, dict) else None
+    entries = read_yaml(path).get("types")
     if not entries:
         raise PromptFileError(f"{path}: expected a top-level 'types:' list")
     types, seen = [], set()
@@ -100,16 +97,10 @@ def load_red_team_types(path: str | Path) -> list[RedTeamType]:
 
 
 def load_templates(path: str | Path) -> dict[str, str]:
-    templates = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    needs = {"self_instruct": ["{examples}", "{next}"], "topics": ["{examples}", "{next}", "{name}"],
-             "questions": ["{examples}", "{topic}", "{name}"]}
-    for key, fields in needs.items():
-        text = templates.get(key)
-        if not isinstance(text, str):
-            raise PromptFileError(f"{path}: template {key!r} is missing")
-        absent = [f for f in fields if f not in text]
-        if absent:
-            raise PromptFileError(f"{path}: template {key!r} lacks {', '.join(absent)}")
+    templates = read_yaml(path)
+    check_templates(path, templates, {"self_instruct": ["{examples}", "{next}"],
+                                      "topics": ["{examples}", "{next}", "{name}"],
+                                      "questions": ["{examples}", "{topic}", "{name}"]})
     return templates
 
 
@@ -351,10 +342,12 @@ def tables(run_name: str, runs_dir: str = "runs") -> dict:
     import pandas as pd
 
     stage = Run(run_name, runs_dir).stage(STAGE)
+    columns = {"prompts": ["id", "prompt", "source", "type", "topic", "seeds", "call"],
+               "topics": ["id", "type", "topic", "call"], "drops": ["id", "reason", "text", "source", "type"]}
     frames = {}
-    for name in ("prompts", "topics", "drops"):
-        path = stage.path / f"{name}.jsonl"
-        frames[name] = pd.DataFrame(stage.read(path.name) if path.exists() else [])
+    for name, names in columns.items():
+        rows = stage.read(f"{name}.jsonl") if (stage.path / f"{name}.jsonl").exists() else []
+        frames[name] = pd.DataFrame(rows) if rows else pd.DataFrame(columns=names)  # keep columns when empty
     return frames
 
 

@@ -1,0 +1,103 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 2. Principle-driven self-alignment
+#
+# **What this stage does.** The base model answers every stage-1 prompt *in context*: before the
+# prompt it reads a short preamble, sixteen numbered principles (`principles/principles.yaml`)
+# and five worked exemplars (`principles/exemplars.yaml`). In each exemplar the assistant first
+# writes its internal thoughts, ending with "I should follow rules ...", and then answers. The
+# model imitates that pattern for the new prompt; we split what it writes into thoughts and
+# answer, and read off which principles it cited (the *triggers*).
+#
+# **Why.** This is where the principles act. The answers become the training data of stage 3,
+# which teaches the model to answer this way *without* the principles in its context.
+#
+# **What to look at.** Why responses were dropped, which principles fire for which red-team type
+# (the heatmap), and, at the end, what happens to the answers when one principle is removed.
+# A 135M model follows the exemplars loosely and often cites the wrong numbers (they are kept
+# as `unknown_citations`); a 65B base model cites them far more reliably.
+
+# %% tags=["parameters"]
+run_name: str = "demo"  # reads runs/<run_name>/prompts/, writes runs/<run_name>/self_align/
+model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
+prompts_file: str = ""  # "": this run's stage-1 prompts
+limit: int = 24  # answer the first N prompts (0: all)
+max_new_tokens: int = 160  # per answer (the paper used 256)
+assistant: str = "Watson"  # the name the model answers under
+ablate_principle: int = 7  # the principle removed in the ablation at the end
+ablation_prompts: int = 8  # how many prompts the ablation answers twice
+seed: int = 0  # sampling seed
+
+# %%
+import pandas as pd
+
+from selfalign.generate import Engine
+from selfalign.models import load_model
+from selfalign.principles import load_principle_set, render_prompt
+from selfalign.stages import self_align
+
+principles = load_principle_set()
+pd.DataFrame([{"number": p.number, "name": p.name, "text": p.text} for p in principles.principles])
+
+# %% [markdown]
+# The whole in-context prompt for one query, as the model sees it. Everything above the last
+# `User:` line is the same for every query, so the engine computes it once and reuses it.
+
+# %%
+print(render_prompt(principles, "What is the weather like in Paris right now?", assistant)[-1500:])
+
+# %%
+loaded = load_model(model)
+config = self_align.SelfAlignConfig(run=run_name, model=model, prompts=prompts_file, limit=limit,
+                                    max_new_tokens=max_new_tokens, assistant=assistant, seed=seed)
+manifest = self_align.run(config, loaded=loaded)
+pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_frame()
+
+# %% [markdown]
+# ## Which principles fired
+#
+# Each cell is the share of a type's responses whose thoughts cite the principle.
+
+# %%
+frames = self_align.tables(run_name)
+responses = frames["responses"]
+overall, per_type = self_align.trigger_stats(responses, principles)
+overall
+
+# %%
+self_align.plot_trigger_heatmap(per_type);
+
+# %%
+self_align.plot_answer_lengths(responses);
+
+# %%
+responses[["type", "prompt", "thoughts", "answer", "triggers"]].head(8)
+
+# %% [markdown]
+# ## Ablation: remove one principle
+#
+# The same prompts with the same seeds, once with all principles and once without
+# `ablate_principle` (its rule line and its citations in the exemplars are removed). Rows whose
+# answer or triggers changed are the ones that principle was shaping.
+
+# %%
+queries = responses["prompt"].head(ablation_prompts).tolist()
+engine = Engine.for_model(loaded, batch_size=8)
+table = self_align.ablate(queries, engine, principles, principles.without(ablate_principle), config)
+print(f"{table['answer_changed'].sum()} of {len(table)} answers changed without principle {ablate_principle}")
+table[["prompt", "answer_a", "answer_b", "triggers_a", "triggers_b", "answer_changed"]]

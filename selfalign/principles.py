@@ -1,0 +1,272 @@
+"""The principles, the exemplars and the prompt layout of stage 2, and the parser of its outputs.
+
+`load_principle_set()` reads `principles/principles.yaml`, `exemplars.yaml` and
+`self_align_template.yaml`, validates them (one error naming the file and the entry) and gives a
+`PrincipleSet` with a stable hash that every stage-2 record carries. `render_prompt` lays out the
+in-context prompt for a query; `PrincipleSet.without`, `.with_text` and `.with_exemplars` make the
+variants that ablations compare. `parse_response` splits a continuation into internal thoughts and
+answer and finds which principles the thoughts cite.
+
+Principle numbers are identities, not positions: removing principle 7 leaves a gap, so that
+"7 fired" means the same thing in every variant. An exemplar's citations are stored as numbers and
+its "I should follow rules ..." sentence is rebuilt from them, so a removed principle disappears
+from the exemplars too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .prompts import PRINCIPLES_DIR, check_templates, read_yaml
+
+_CITED = re.compile(r"(\d+)\s*\(([^()\n]{1,60})\)")  # "7 (Candor)"
+_RULE_LIST = re.compile(r"\brules?\s+((?:\d+(?:\s*\([^()\n]{0,60}\))?(?:\s*(?:,|and|&)\s*)?)+)", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+")
+_RULES_SENTENCE = re.compile(r"\s*I should follow rules?\b[^\n]*$", re.IGNORECASE)
+
+
+class PrincipleError(ValueError):
+    """An invalid principles, exemplars or template file; the message names the file and entry."""
+
+
+@dataclass(frozen=True)
+class Principle:
+    number: int
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    id: str
+    user: str
+    thoughts: str  # without the closing "I should follow rules ..." sentence
+    cites: tuple[int, ...]
+    answer: str
+    markers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrincipleSet:
+    principles: tuple[Principle, ...]
+    exemplars: tuple[Exemplar, ...]
+    template: dict = field(hash=False, compare=False)
+
+    @property
+    def numbers(self) -> set[int]:
+        return {p.number for p in self.principles}
+
+    def principle(self, number: int) -> Principle:
+        return next(p for p in self.principles if p.number == number)
+
+    @property
+    def hash(self) -> str:
+        """A stable digest of everything that shapes the prompt (principles, exemplars, layout)."""
+        data = {"principles": [dataclasses.asdict(p) for p in self.principles],
+                "exemplars": [dataclasses.asdict(e) for e in self.exemplars],
+                "template": {k: self.template[k] for k in sorted(self.template)}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+    def without(self, *numbers: int) -> "PrincipleSet":
+        missing = set(numbers) - self.numbers
+        if missing:
+            raise PrincipleError(f"no principle numbered {sorted(missing)}")
+        kept = tuple(p for p in self.principles if p.number not in numbers)
+        exemplars = tuple(dataclasses.replace(e, cites=tuple(c for c in e.cites if c not in numbers))
+                          for e in self.exemplars)
+        return dataclasses.replace(self, principles=kept, exemplars=exemplars)
+
+    def with_text(self, number: int, text: str) -> "PrincipleSet":
+        if number not in self.numbers:
+            raise PrincipleError(f"no principle numbered {number}")
+        if not text.strip():
+            raise PrincipleError(f"principle {number}: empty text")
+        edited = tuple(dataclasses.replace(p, text=text.strip()) if p.number == number else p for p in self.principles)
+        return dataclasses.replace(self, principles=edited)
+
+    def with_exemplars(self, ids: list[str]) -> "PrincipleSet":
+        by_id = {e.id: e for e in self.exemplars}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise PrincipleError(f"no exemplar {unknown}; known: {list(by_id)}")
+        return dataclasses.replace(self, exemplars=tuple(by_id[i] for i in ids))
+
+
+_TEMPLATE_NEEDS = {
+    "preamble": [], "rule": ["{number}", "{name}", "{text}"], "examples_heading": [],
+    "user_turn": ["{text}"], "thoughts_turn": ["{assistant}", "{text}"], "answer_turn": ["{assistant}", "{text}"],
+    "rules_sentence": ["{rules}"], "closing": [],
+}
+
+
+def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yaml",
+                       exemplars: str | Path = PRINCIPLES_DIR / "exemplars.yaml",
+                       template: str | Path = PRINCIPLES_DIR / "self_align_template.yaml") -> PrincipleSet:
+    template_data = _read_yaml(template)
+    check_templates(template, template_data, _TEMPLATE_NEEDS, PrincipleError)
+    for key in ("user_turn", "thoughts_turn", "answer_turn"):
+        if not re.match(r"^[^{}\n]*\{assistant\}|^User:", template_data[key]):
+            raise PrincipleError(f"{template}: '{key}' must start with its role marker")
+    template_data.setdefault("refusal_openings", [])
+
+    rows = _read_yaml(principles).get("principles") or []
+    if not rows:
+        raise PrincipleError(f"{principles}: expected a 'principles:' list")
+    parsed, seen = [], set()
+    for index, row in enumerate(rows, 1):
+        where = f"{principles}: principle #{index} ({row.get('name', '?')})"
+        if not isinstance(row.get("number"), int):
+            raise PrincipleError(f"{where}: 'number' must be an integer")
+        if row["number"] in seen:
+            raise PrincipleError(f"{where}: number {row['number']} is used twice")
+        if not str(row.get("name", "")).strip() or not str(row.get("text", "")).strip():
+            raise PrincipleError(f"{where}: empty name or text")
+        seen.add(row["number"])
+        parsed.append(Principle(row["number"], str(row["name"]).strip(), " ".join(str(row["text"]).split())))
+
+    examples = []
+    numbers = {p.number for p in parsed}
+    for index, row in enumerate(_read_yaml(exemplars).get("exemplars") or [], 1):
+        where = f"{exemplars}: exemplar #{index} ({row.get('id', '?')})"
+        missing = [k for k in ("id", "user", "thoughts", "answer") if not str(row.get(k, "")).strip()]
+        if missing:
+            raise PrincipleError(f"{where}: empty {', '.join(missing)}")
+        thoughts = " ".join(str(row["thoughts"]).split())
+        sentence = _RULES_SENTENCE.search(thoughts)
+        if not sentence:
+            raise PrincipleError(f"{where}: thoughts must end with 'I should follow rules ...'")
+        listing = _RULE_LIST.search(sentence.group())
+        cites = tuple(int(n) for n in _NUMBER.findall(re.sub(r"\([^)]*\)", "", listing.group(1)))) if listing else ()
+        unknown = sorted(set(cites) - numbers)
+        if unknown or not cites:
+            raise PrincipleError(f"{where}: cites {unknown or 'no'} principle(s) not in {principles}")
+        examples.append(Exemplar(str(row["id"]), str(row["user"]).strip(), thoughts[: sentence.start()].strip(),
+                                 cites, str(row["answer"]).strip(), tuple(row.get("markers") or ())))
+    if not examples:
+        raise PrincipleError(f"{exemplars}: expected an 'exemplars:' list")
+    return PrincipleSet(tuple(parsed), tuple(examples), template_data)
+
+
+def _read_yaml(path) -> dict:
+    return read_yaml(path, PrincipleError)
+
+
+def rules_sentence(principle_set: PrincipleSet, cites) -> str:
+    names = [f"{n} ({principle_set.principle(n).name})" for n in cites if n in principle_set.numbers]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return principle_set.template["rules_sentence"].format(rules=listed) if names else ""
+
+
+def render_prefix(principle_set: PrincipleSet, assistant: str) -> str:
+    """Everything before the user's query: preamble, rules and exemplar dialogues. The same for
+    every query, so the engine can compute its key/value cache once."""
+    t = principle_set.template
+
+    def fill(text: str) -> str:
+        return text.replace("{assistant}", assistant).replace("{name}", assistant)
+
+    parts = [fill(t["preamble"]), ""]
+    parts += [t["rule"].format(number=p.number, name=p.name, text=p.text) for p in principle_set.principles]
+    parts += ["", t["examples_heading"]]
+    for e in principle_set.exemplars:
+        thoughts = " ".join(x for x in (e.thoughts, rules_sentence(principle_set, e.cites)) if x)
+        parts += ["", fill(t["user_turn"].replace("{text}", e.user)), "",
+                  fill(t["thoughts_turn"].replace("{text}", thoughts)), "",
+                  fill(t["answer_turn"].replace("{text}", fill(e.answer))), "", fill(t["closing"])]
+    return "\n".join(parts) + "\n\n"
+
+
+def render_prompt(principle_set: PrincipleSet, query: str, assistant: str = "Watson") -> str:
+    """The whole in-context prompt; the model continues right after the internal-thoughts marker."""
+    t = principle_set.template
+    thoughts_marker = t["thoughts_turn"].split("{text}")[0].replace("{assistant}", assistant).rstrip()
+    return (render_prefix(principle_set, assistant) + t["user_turn"].replace("{text}", query.strip())
+            + "\n\n" + thoughts_marker)
+
+
+@dataclass
+class Parsed:
+    thoughts: str
+    answer: str
+    triggers: list[int]  # principles cited, in order of first mention
+    unknown_citations: list[str]  # numbers cited that the set lacks ("19", or "5 (Creative)" for a mismatch)
+    has_answer_marker: bool
+    cut_at_repeat: bool
+    answer_closed: bool = False  # the answer ended at a following turn marker, so a cut-off after it is harmless
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[^a-z]+", " ", name.lower()).strip()
+
+
+def parse_response(principle_set: PrincipleSet, completion: str, assistant: str = "Watson") -> Parsed:
+    """Split a continuation of `render_prompt` into thoughts and answer, and find the citations."""
+    t = principle_set.template
+    answer_prefix = t["answer_turn"].split("{text}")[0].replace("{assistant}", assistant).strip()
+    user_prefix = t["user_turn"].split("{text}")[0].strip()
+    # Markers count only at the start of a line: "Watson:" inside a sentence is text.
+    marker = re.compile(r"^[ \t]*" + re.escape(answer_prefix) + r"[ \t]*", re.MULTILINE)
+    found = marker.search(completion)
+    if not found:
+        return Parsed(completion.strip(), "", *_citations(principle_set, completion), False, False)
+    thoughts, answer = completion[: found.start()].strip(), completion[found.end():]
+    # Any later turn ends the answer: the user's, or any of the assistant's ("Watson:", "Watson (auto reply):").
+    ends = re.compile(r"^[ \t]*(?:" + re.escape(user_prefix) + "|" + re.escape(assistant) + r"[ \t]*[(:])",
+                      re.MULTILINE)
+    next_turn = ends.search(answer)
+    if next_turn:
+        answer = answer[: next_turn.start()]
+    answer, cut = _cut_at_repeat(answer.strip())
+    return Parsed(thoughts, answer, *_citations(principle_set, thoughts), True, cut, next_turn is not None)
+
+
+def _citations(principle_set: PrincipleSet, thoughts: str) -> tuple[list[int], list[str]]:
+    names = {_normal(p.name): p.number for p in principle_set.principles}
+    triggers: list[int] = []
+    unknown: list[str] = []
+
+    def cite(number: int, label: str) -> None:
+        if number in principle_set.numbers:
+            if number not in triggers:
+                triggers.append(number)
+        else:
+            mismatch(label)
+
+    def mismatch(label: str) -> None:
+        if label not in unknown:
+            unknown.append(label)
+
+    for listing in _RULE_LIST.finditer(thoughts):
+        for item in re.finditer(r"(\d+)(?:\s*\(([^()\n]*)\))?", listing.group(1)):
+            number, name = int(item.group(1)), item.group(2)
+            if name is not None and names.get(_normal(name)) not in (None, number):
+                mismatch(f"{number} ({name})")  # a number and a name that disagree
+            else:
+                cite(number, str(number))
+    # "N (Name)" outside a "rules ..." list counts only when the name is a principle's name, so
+    # "3 (three apples)" is arithmetic, not a citation.
+    for item in _CITED.finditer(thoughts):
+        number, name = int(item.group(1)), _normal(item.group(2))
+        if names.get(name) == number:
+            cite(number, str(number))
+        elif name in names:
+            mismatch(f"{number} ({item.group(2)})")
+    return triggers, unknown
+
+
+def _cut_at_repeat(answer: str) -> tuple[str, bool]:
+    """Cut the answer before the first sentence that repeats an earlier one (a looping model)."""
+    seen = set()
+    for match in re.finditer(r"[^.!?\n]+[.!?]*", answer):
+        sentence = " ".join(match.group().split()).lower()
+        if len(sentence) < 12:  # short fragments ("Yes.", list numbers) repeat legitimately
+            continue
+        if sentence in seen:
+            return answer[: match.start()].rstrip(), True
+        seen.add(sentence)
+    return answer, False

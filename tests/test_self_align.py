@@ -1,0 +1,112 @@
+import json
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from selfalign.generate import Completion, Engine
+from selfalign.principles import load_principle_set
+from selfalign.stages import self_align
+from selfalign.stages.self_align import SelfAlignConfig, ablate, plot_trigger_heatmap, run, trigger_stats
+
+# What the scripted model "writes" for each query, and the finish reason.
+SCRIPT = {
+    "good": (" A fact question. I should follow rules 2 (Informative) and 7 (Candor).\n\nWatson: It is 42.\n", "stop"),
+    "loop": (" Hm. I should follow rule 13.\nWatson: Step one is done. Step one is done. Step one is done", "length"),
+    "nomarker": (" I am still thinking about this and never answer", "length"),
+    "cutoff": (" I should follow rules 6 (Multi-Aspect).\nWatson: There are many aspects, such as", "length"),
+    "copy": (" I should follow rules 11 (Numerical Sensitivity).\nWatson: So you pay $64.80 in total.\n", "stop"),
+    "refuse": (" I should follow rules 1 (Ethical).\nWatson: I'm sorry, but I cannot do that.\n", "stop"),
+    "short": (" I should follow rules 3 (Helpful).\nWatson: Yes.\n", "stop"),
+    "unknown": (" I should follow rules 3 (Helpful) and 23 (Made Up).\nWatson: Here is a helpful answer.\n", "stop"),
+}
+
+
+class ScriptedBackend:
+    name = "scripted"
+
+    def __init__(self):
+        self.prompts = []
+
+    def count_tokens(self, texts, shared_prefix=None):
+        return [len(t) // 8 for t in texts]
+
+    def stream_batch(self, prompts, params, seeds, shared_prefix, max_prompt_tokens):
+        self.prompts += prompts
+        outputs = []
+        for prompt in prompts:
+            query = prompt.rsplit("User: ", 1)[1].split("\n")[0]
+            text, finish = SCRIPT[query]
+            if "Be candid" in prompt and query == "good":  # an edited principle changes this answer
+                text = text.replace("It is 42.", "I am not sure; maybe 42.")
+            outputs.append(Completion(text, finish, 100, 20, "\nUser:" if finish == "stop" else None))
+        return outputs
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": key, "prompt": key, "type": "t1" if i % 2 else "t2",
+                                        "source": "red_team"}) + "\n" for i, key in enumerate(SCRIPT)))
+    return path
+
+
+def test_stage_keeps_good_answers_and_drops_the_rest_with_reasons(tmp_path, prompts_file):
+    backend = ScriptedBackend()
+    manifest = run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file)),
+                   engine=Engine(backend, batch_size=3, progress=False))
+    out = tmp_path / "r" / "self_align"
+    responses = {r["id"]: r for r in map(json.loads, (out / "responses.jsonl").read_text().splitlines())}
+    drops = {r["id"]: r["reason"] for r in map(json.loads, (out / "drops.jsonl").read_text().splitlines())}
+    assert responses["good"]["answer"] == "It is 42." and responses["good"]["triggers"] == [2, 7]
+    assert responses["loop"]["answer"] == "Step one is done." and responses["loop"]["cut_at_repeat"]
+    assert responses["unknown"]["unknown_citations"] == ["23"]
+    assert drops == {"nomarker": "no answer marker", "cutoff": "truncated at max_new_tokens",
+                     "copy": "copies exemplar step_by_step_numerical (pay $64.80 in total)",
+                     "refuse": "blanket refusal (I'm sorry, but I cannot)", "short": "answer shorter than 3 words"}
+    assert manifest["counts"]["responses"] == 3 and manifest["counts"]["drops"] == 5
+    assert responses["good"]["provenance"]["principles_hash"] == load_principle_set().hash
+    # Every prompt shared one prefix, handed to the engine for caching.
+    assert all(p.startswith(self_align.render_prefix(load_principle_set(), "Watson")) for p in backend.prompts)
+
+
+def test_resume_makes_no_new_calls_and_settles_unsettled_ones(tmp_path, prompts_file):
+    config = SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file))
+    run(config, engine=Engine(ScriptedBackend(), progress=False))
+    out = tmp_path / "r" / "self_align"
+    before = (out / "responses.jsonl").read_text()
+    (out / "responses.jsonl").unlink()  # as if killed after the calls were stored
+    again = ScriptedBackend()
+    run(config, engine=Engine(again, progress=False))
+    assert again.prompts == []
+    assert sorted(before.splitlines()) == sorted((out / "responses.jsonl").read_text().splitlines())
+
+
+def test_unknown_citations_can_be_dropped(tmp_path, prompts_file):
+    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file), drop_unknown_citations=True),
+        engine=Engine(ScriptedBackend(), progress=False))
+    drops = (tmp_path / "r" / "self_align" / "drops.jsonl").read_text()
+    assert "cites unknown principles (23)" in drops
+
+
+def test_ablation_shows_changed_answers():
+    principles = load_principle_set()
+    table = ablate(list(SCRIPT)[:3], Engine(ScriptedBackend(), progress=False), principles,
+                   principles.with_text(7, "Be candid about uncertainty."))
+    assert table["answer_changed"].tolist() == [True, False, False]
+    assert table.loc[0, "answer_b"] == "I am not sure; maybe 42."
+    assert not table["triggers_changed"].any()
+
+
+def test_trigger_stats_and_heatmap():
+    principles = load_principle_set()
+    responses = pd.DataFrame([{"id": "a", "type": "t1", "triggers": [1, 2], "answer": "x y"},
+                              {"id": "b", "type": "t1", "triggers": [2], "answer": "x"},
+                              {"id": "c", "type": None, "triggers": [], "answer": "z"}])
+    overall, per_type = trigger_stats(responses, principles)
+    assert overall.loc["2 Informative", "responses"] == 2
+    assert overall.loc["2 Informative", "share"] == pytest.approx(2 / 3)
+    assert per_type.loc["1 Ethical", "t1"] == 0.5 and per_type.loc["2 Informative", "t1"] == 1.0
+    assert len(overall) == 16
+    matplotlib.use("Agg")
+    assert plot_trigger_heatmap(per_type).get_title()
