@@ -108,5 +108,8 @@ def test_trigger_stats_and_heatmap():
     assert overall.loc["2 Informative", "share"] == pytest.approx(2 / 3)
     assert per_type.loc["1 Ethical", "t1"] == 0.5 and per_type.loc["2 Informative", "t1"] == 1.0
     assert len(overall) == 16
+    assert list(per_type.columns) == ["(self-instruct)", "t1"] and per_type["(self-instruct)"].sum() == 0
+    nothing_fired = responses.assign(triggers=[[], [], []])
+    assert trigger_stats(nothing_fired, principles)[1].shape == (16, 2)
     matplotlib.use("Agg")
     assert plot_trigger_heatmap(per_type).get_title()

@@ -174,10 +174,11 @@ def trigger_stats(responses, principle_set: PrincipleSet):
     fired = pd.DataFrame(rows, columns=["principle", "type", "id"])
     counts = fired["principle"].value_counts().reindex(list(labels.values()), fill_value=0)
     overall = pd.DataFrame({"responses": counts, "share": counts / max(len(responses), 1)})
-    per_type_sizes = responses["type"].fillna("(self-instruct)").value_counts() if len(responses) else pd.Series()
-    per_type = (fired.groupby(["principle", "type"]).size().unstack(fill_value=0)
-                .reindex(list(labels.values()), fill_value=0))
-    per_type = per_type.div(per_type_sizes.reindex(per_type.columns), axis=1).fillna(0.0)
+    sizes = responses["type"].fillna("(self-instruct)").value_counts().sort_index() if len(responses) else pd.Series()
+    # Every type with responses gets a column, even where nothing fired: a zero is a finding.
+    per_type = (pd.crosstab(fired["principle"], fired["type"])
+                .reindex(index=list(labels.values()), columns=sizes.index, fill_value=0))
+    per_type = per_type.div(sizes, axis=1).fillna(0.0)
     return overall, per_type
 
 
@@ -188,7 +189,7 @@ def plot_trigger_heatmap(per_type, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(0.45 * max(per_type.shape[1], 4) + 3, 0.35 * per_type.shape[0] + 2))
     if per_type.shape[1] == 0:
-        ax.text(0.5, 0.5, "no responses yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no responses", ha="center", va="center", transform=ax.transAxes)
         return ax
     image = ax.imshow(per_type.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(per_type.shape[1]), per_type.columns, rotation=60, ha="right", fontsize=8)
