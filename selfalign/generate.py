@@ -248,9 +248,9 @@ class HFBackend:
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if shared_prefix is not None:
-            cache = copy.deepcopy(self._cached_prefix(shared_prefix, prefix_ids))
-            cache.batch_repeat_interleave(len(prompts))
-            kwargs[self._cache_argument()] = cache
+            total = input_ids.shape[1] + params.max_new_tokens
+            kwargs[self._cache_argument()] = self._batch_cache(self._cached_prefix(shared_prefix, prefix_ids),
+                                                               len(prompts), total)
 
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -269,6 +269,28 @@ class HFBackend:
                            use_cache=True, **{self._cache_argument(): cache})
             self._prefix_cache[shared_prefix] = cache
         return self._prefix_cache[shared_prefix]
+
+    def _batch_cache(self, prefix_cache, batch: int, total: int):
+        """The prefix's cache for a batch, as a preallocated static cache.
+
+        A dynamic cache grows by concatenation, copying the whole (long) prefix at every decode step
+        (a third of the time in a CPU profile of stage 2); a static cache is written in place.
+        Falls back to a copied dynamic cache where this transformers version lacks the API.
+        """
+        import torch
+        from transformers import StaticCache
+
+        try:
+            cache = StaticCache(config=self.model.config, max_cache_len=total)
+            for index, layer in enumerate(prefix_cache.layers):
+                length = layer.keys.shape[-2]
+                cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index,
+                             {"cache_position": torch.arange(length, device=layer.keys.device)})
+            return cache
+        except (AttributeError, TypeError):
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(batch)
+            return cache
 
     def _cache_argument(self) -> str:
         # transformers 5.x renamed `past_key_values` to `cache`; accept the versions on either side.
