@@ -64,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_generate)
 
     stage = commands.add_parser("stage", help="run one stage").add_subparsers(title="stages")
-    for name, (config_class, _) in STAGES.items():
-        sub = stage.add_parser(name, help=(STAGES[name][1].__module__))
+    for name, (config_class, run_stage) in STAGES.items():
+        module = sys.modules[run_stage.__module__]
+        sub = stage.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         configuration.add_arguments(sub, config_class)
         sub.set_defaults(handler=_stage, stage=name)
 

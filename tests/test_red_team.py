@@ -1,6 +1,5 @@
 import json
 import random
-import shutil
 
 import pytest
 from rouge_score import rouge_scorer
