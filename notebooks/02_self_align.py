@@ -34,6 +34,7 @@
 
 # %% tags=["parameters"]
 run_name: str = "demo"  # reads runs/<run_name>/prompts/, writes runs/<run_name>/self_align/
+runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 prompts_file: str = ""  # "": this run's stage-1 prompts
 limit: int = 24  # answer the first N prompts (0: all)
@@ -63,7 +64,7 @@ print(render_prompt(principles, "What is the weather like in Paris right now?", 
 
 # %%
 loaded = load_model(model)
-config = self_align.SelfAlignConfig(run=run_name, model=model, prompts=prompts_file, limit=limit,
+config = self_align.SelfAlignConfig(run=run_name, runs_dir=runs_dir, model=model, prompts=prompts_file, limit=limit,
                                     max_new_tokens=max_new_tokens, assistant=assistant, seed=seed)
 manifest = self_align.run(config, loaded=loaded)
 pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_frame()
@@ -74,7 +75,7 @@ pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_fram
 # Each cell is the share of a type's responses whose thoughts cite the principle.
 
 # %%
-frames = self_align.tables(run_name)
+frames = self_align.tables(run_name, runs_dir)
 responses = frames["responses"]
 overall, per_type = self_align.trigger_stats(responses, principles)
 overall

@@ -70,12 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         configuration.add_arguments(sub, config_class)
         sub.set_defaults(handler=_stage, stage=name)
 
-    run = commands.add_parser("run", help="run every stage in order, resuming finished ones")
+    run = commands.add_parser("run", help="run the book's notebooks (or, with --direct, the stages) in order, "
+                                          "resuming finished ones")
     run.add_argument("--run", default="demo")
     run.add_argument("--runs-dir", default="runs")
     run.add_argument("--model", default=DEFAULT_MODEL)
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                     help="set a stage setting for every stage that has it (value parsed as JSON if it can be)")
+                     help="set a parameter in every notebook (or stage) that has it (value parsed as JSON if it can be)")
+    run.add_argument("--direct", action="store_true",
+                     help="call the stage functions without notebooks (no kernel; also runs the baseline stage)")
+    run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="show a run's stages")
@@ -128,6 +132,16 @@ def _stage(args) -> int:
 
 
 def _run(args) -> int:
+    if not args.direct:
+        from .book import NotebookFailed, run_book
+
+        parameters = {"model": args.model, **{key: _parse_value(value) for key, value in args.p}}
+        try:
+            run_book(args.run, args.runs_dir, parameters, only=args.only)
+        except NotebookFailed as failure:
+            print(f"selfalign: error: {failure}", file=sys.stderr)
+            return 1
+        return 0
     overrides = {key: _parse_value(value) for key, value in args.p}
     overrides.update(run=args.run, runs_dir=args.runs_dir, model=args.model)
     loaded = None

@@ -20,7 +20,7 @@ def test_unknown_model_lists_the_known_ones(capsys):
 def test_run_runs_stages_then_skips_finished_ones(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
-    argv = ["run", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
+    argv = ["run", "--direct", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
             "-p", "prompts", str(prompts), "-p", "max_new_tokens", "4", "-p", "types_limit", "2",
             "-p", "n_self_instruct", "2", "-p", "max_rounds", "1", "-p", "list_max_new_tokens", "16"]
     assert main(argv) == 0

@@ -1,0 +1,40 @@
+"""`selfalign run` executes the notebooks with papermill, stops at a failure, and resumes."""
+
+import json
+
+import nbformat
+import pytest
+
+from selfalign.cli import main
+from conftest import REPO
+
+TINY = ["--model", "tiny-random", "-p", "limit", "2", "-p", "n_self_instruct", "2", "-p", "types_limit", "2",
+        "-p", "max_new_tokens", "8", "-p", "ablation_prompts", "2",
+        "-p", "prompts_file", str(REPO / "principles" / "seed_prompts.jsonl")]
+
+
+@pytest.mark.slow
+def test_notebooks_run_headless_then_resume(tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    # A principle that does not exist makes the ablation at the end of notebook 02 fail: the run stops
+    # there and says where the failed copy is.
+    assert main(["run", "--run", "b", "--runs-dir", runs, *TINY, "-p", "ablate_principle", "99"]) == 1
+    error = capsys.readouterr().err
+    failed = tmp_path / "runs" / "b" / "notebooks" / "02_self_align.ipynb"
+    assert str(failed) in error
+    assert nbformat.read(failed, as_version=4).metadata.papermill.exception
+
+    assert main(["run", "--run", "b", "--runs-dir", runs, *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "[00_setup] finished earlier, skipped" in out and "[01_red_team_prompts] finished earlier" in out
+    assert "[02_self_align] running" in out
+    executed = nbformat.read(failed, as_version=4)
+    injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert "tiny-random" in injected.source and str(tmp_path / "runs") in injected.source
+    manifest = json.loads((tmp_path / "runs" / "b" / "self_align" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["params"]["model"] == "tiny-random"
+
+
+def test_unknown_parameter_is_refused(tmp_path, capsys):
+    assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "-p", "no_such_setting", "1"]) == 1
+    assert "no notebook takes the parameters ['no_such_setting']" in capsys.readouterr().err
