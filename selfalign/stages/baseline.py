@@ -11,13 +11,13 @@ Writes: `runs/<run>/baseline/answers.jsonl` (schema generation/1) and `manifest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import generate_into
+from .common import generate_into, generation_record, settings_of
 
 STAGE = "baseline"
 
@@ -43,9 +43,7 @@ def run(config: BaselineConfig, loaded=None) -> dict:
     """Answer the prompts; resume where an earlier run stopped. Returns the stage's manifest."""
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("run", "runs_dir", "restart", "batch_size")}
-    settings["stop"] = list(config.stop)
-    stage.start(settings, restart=config.restart)
+    stage.start(settings_of(config), restart=config.restart)
 
     generated = run_dir.root / "prompts" / "prompts.jsonl"
     prompts = load_prompts(config.prompts or (generated if generated.exists() else PRINCIPLES_DIR / "seed_prompts.jsonl"))
@@ -56,12 +54,10 @@ def run(config: BaselineConfig, loaded=None) -> dict:
     loaded = loaded or load_model(config.model)
     engine = Engine.for_model(loaded, batch_size=config.batch_size)
     source = {row["id"]: row for row in prompts}
+    origin = provenance(config.model, params.to_dict(), config.seed)
 
     def record(key, text, completion):
-        return {"id": key, "prompt": source[key]["prompt"], "model_input": text,
-                "completion": completion.text.strip(), "finish_reason": completion.finish_reason,
-                "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                "provenance": provenance(config.model, params.to_dict(), config.seed)}
+        return generation_record(key, source[key]["prompt"], completion, origin, model_input=text)
 
     items = [(row["id"], config.template.format(prompt=row["prompt"])) for row in prompts]
     with stage.writer("answers.jsonl", "generation/1") as writer:

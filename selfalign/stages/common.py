@@ -1,8 +1,12 @@
-"""What generating stages share: answer keyed prompts, appending one record per prompt, resumably."""
+"""What generating stages share: answer keyed prompts, appending one record per prompt, resumably;
+the settings a manifest records; the shape of a generation record; drop tallies."""
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+from collections import Counter
+from dataclasses import asdict
+from typing import Callable, Iterable
 
 from ..generate import Completion, Engine, SamplingParams
 from ..records import JsonlWriter
@@ -24,3 +28,22 @@ def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Eng
         key, text = todo[index]
         written += writer.write(make_record(key, text, completion))
     return written
+
+
+def settings_of(config) -> dict:
+    """A stage's settings as its manifest records them: all but where it runs and how it batches
+    (neither changes the records). JSON-shaped, so a resumed run compares equal (tuples -> lists)."""
+    skip = ("run", "runs_dir", "restart", "batch_size")
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip}))
+
+
+def generation_record(key: str, prompt: str, completion: Completion, origin: dict, **extra) -> dict:
+    """A generation/1 record: what the model was given and what it returned."""
+    return {"id": key, "prompt": prompt, "completion": completion.text, "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "provenance": origin, **extra}
+
+
+def drop_reasons(rows: Iterable[dict]) -> dict[str, int]:
+    """How many drops of each kind (a reason's text before any parenthesised detail)."""
+    return dict(Counter(row["reason"].split(" (")[0] for row in rows))

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..dedup import rouge_l_filter
@@ -30,7 +29,7 @@ from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..prompts import PRINCIPLES_DIR, PromptFileError, check_templates, load_prompts, read_yaml
 from ..records import Run, provenance
-from .common import generate_into
+from .common import drop_reasons, generate_into, generation_record, settings_of
 
 STAGE = "prompts"
 # Self-Instruct's own list of words that mark a task a text model cannot do.
@@ -150,8 +149,7 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
     `loaded` reuses a loaded model; `engine` replaces the model altogether (tests use a scripted one).
     """
     stage = Run(config.run, config.runs_dir).stage(STAGE)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("run", "runs_dir", "restart", "batch_size")}
-    stage.start(settings, restart=config.restart)
+    stage.start(settings_of(config), restart=config.restart)
     seeds = _usable_seeds(config)
     types = load_red_team_types(config.types)[: config.types_limit or None]
     templates = load_templates(config.templates)
@@ -166,11 +164,9 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
 
         def complete(items, params):
             def record(key, text, completion):
-                row = {"id": key, "prompt": text, "completion": completion.text, **completion.to_dict(),
-                       "provenance": provenance(config.model, params.to_dict(), config.seed)}
-                row.pop("text")
-                done[key] = row
-                return row
+                done[key] = generation_record(key, text, completion,
+                                              provenance(config.model, params.to_dict(), config.seed))
+                return done[key]
             generate_into(calls, items, engine, params, record)
             return [done[key] for key, _ in items]
 
@@ -178,10 +174,10 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
         self_instruct = _self_instruct(config, seeds, templates, kept, complete, prompts, drops)
         topics = _brainstorm(config, types, templates, complete, topics_file, drops)
         red_team = _red_team(config, types, topics, templates, kept, complete, prompts, drops)
-        reasons = Counter(_reason_kind(r["reason"]) for r in stage.read("drops.jsonl"))
+        reasons = drop_reasons(stage.read("drops.jsonl"))
 
     counts = {"self_instruct": self_instruct, "red_team": red_team, "topics": sum(map(len, topics.values())),
-              "model_calls": len(done), "drops": dict(reasons)}
+              "model_calls": len(done), "drops": reasons}
     short = []
     if self_instruct < config.n_self_instruct:
         short.append(f"Self-Instruct kept {self_instruct} of {config.n_self_instruct} after {config.max_rounds} rounds")
@@ -332,9 +328,6 @@ def _red_team(config, types, topics, templates, kept, complete, prompts, drops) 
         candidates.append((key, question, fields[key]))
     return len(_keep(candidates, kept, config, prompts, drops, source))
 
-
-def _reason_kind(reason: str) -> str:
-    return reason.split(" (")[0]
 
 
 def tables(run_name: str, runs_dir: str = "runs") -> dict:

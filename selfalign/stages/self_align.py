@@ -18,14 +18,14 @@ Writes: `runs/<run>/self_align/` calls.jsonl, responses.jsonl (schema response/1
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import generate_into
+from .common import drop_reasons, generate_into, generation_record, settings_of
 
 STAGE = "self_align"
 
@@ -91,8 +91,7 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     principle_set = load_principle_set(config.principles, config.exemplars, config.template)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("run", "runs_dir", "restart", "batch_size")}
-    settings["principles_hash"] = principle_set.hash  # an edited principle is a new setting
+    settings = {**settings_of(config), "principles_hash": principle_set.hash}  # an edited principle is a new setting
     stage.start(settings, restart=config.restart)
 
     prompts_file = config.prompts or run_dir.root / "prompts" / "prompts.jsonl"
@@ -123,9 +122,7 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
 
         def record(key, text, completion):
             settle(key, completion.text, completion.finish_reason, completion.completion_tokens)
-            return {"id": key, "prompt": source[key]["prompt"], "completion": completion.text,
-                    "finish_reason": completion.finish_reason, "prompt_tokens": completion.prompt_tokens,
-                    "completion_tokens": completion.completion_tokens, "provenance": origin}
+            return generation_record(key, source[key]["prompt"], completion, origin)
 
         items = [(row["id"], render_prompt(principle_set, row["prompt"], config.assistant)) for row in prompts]
         generate_into(calls, items, engine, params, record,
@@ -135,10 +132,7 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
             if call["id"] not in responses and call["id"] not in drops and call["id"] in source:
                 settle(call["id"], call["completion"], call["finish_reason"], call["completion_tokens"])
         kept, dropped = len(responses), len(drops)
-        reasons: dict[str, int] = {}
-        for row in stage.read("drops.jsonl"):
-            kind = row["reason"].split(" (")[0]
-            reasons[kind] = reasons.get(kind, 0) + 1
+        reasons = drop_reasons(stage.read("drops.jsonl"))
 
     stage.finish({"prompts": len(prompts), "responses": kept, "drops": dropped, "drop_reasons": reasons})
     return stage.manifest()
