@@ -93,12 +93,15 @@ responses[["type", "prompt", "thoughts", "answer", "triggers"]].head(8)
 # ## Ablation: remove one principle
 #
 # The same prompts with the same seeds, once with all principles and once without
-# `ablate_principle` (its rule line and its citations in the exemplars are removed). Rows whose
-# answer or triggers changed are the ones that principle was shaping.
+# `ablate_principle` (its rule line and its citations in the exemplars are removed). Sampling
+# makes any change to the prompt ripple through every later token, so nearly every answer
+# changes; look instead at how much of each answer survived (`answer_overlap`, ROUGE-L) and at
+# whose triggers changed.
 
 # %%
 queries = responses["prompt"].head(ablation_prompts).tolist()
 engine = Engine.for_model(loaded, batch_size=8)
 table = self_align.ablate(queries, engine, principles, principles.without(ablate_principle), config)
-print(f"{table['answer_changed'].sum()} of {len(table)} answers changed without principle {ablate_principle}")
-table[["prompt", "answer_a", "answer_b", "triggers_a", "triggers_b", "answer_changed"]]
+print(f"{table['answer_changed'].sum()} of {len(table)} answers changed without principle {ablate_principle}; "
+      f"median ROUGE-L overlap {table['answer_overlap'].median():.2f}")
+table[["prompt", "answer_a", "answer_b", "triggers_a", "triggers_b", "answer_overlap"]]

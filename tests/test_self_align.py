@@ -96,6 +96,7 @@ def test_ablation_shows_changed_answers():
     assert table["answer_changed"].tolist() == [True, False, False]
     assert table.loc[0, "answer_b"] == "I am not sure; maybe 42."
     assert not table["triggers_changed"].any()
+    assert table["answer_overlap"].tolist()[1:] == [1.0, 1.0] and 0 < table.loc[0, "answer_overlap"] < 1
 
 
 def test_trigger_stats_and_heatmap():

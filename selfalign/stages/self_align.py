@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..dedup import rouge_l_fmeasure
 from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
@@ -208,7 +209,8 @@ def plot_answer_lengths(responses, ax=None):
 def ablate(prompts: list[str], engine: Engine, first: PrincipleSet, second: PrincipleSet, config=None):
     """Answer the same prompts with the same seeds under two principle sets; one row per prompt.
 
-    Columns: prompt, answer_a, answer_b, triggers_a, triggers_b, answer_changed, triggers_changed.
+    Columns: prompt, answer_a, answer_b, triggers_a, triggers_b, answer_changed, triggers_changed,
+    answer_overlap (ROUGE-L F-measure of the two answers).
     Each prompt is seeded by its index, so differences come from the principles, not the sampling.
     """
     import pandas as pd
@@ -229,4 +231,8 @@ def ablate(prompts: list[str], engine: Engine, first: PrincipleSet, second: Prin
     })
     table["answer_changed"] = table["answer_a"] != table["answer_b"]
     table["triggers_changed"] = table["triggers_a"] != table["triggers_b"]
+    # Any edit to the prompt changes every sampled token after it, so "changed" is nearly always
+    # true; the ROUGE-L overlap says how much of the answer survived.
+    table["answer_overlap"] = [1.0 if a == b else round(rouge_l_fmeasure(a, b), 3)  # two empty answers agree
+                               for a, b in zip(table["answer_a"], table["answer_b"])]
     return table
