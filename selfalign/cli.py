@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
     run.set_defaults(handler=_run)
 
+    book = commands.add_parser("book", help="build the Jupyter Book from a run's executed notebooks")
+    book.add_argument("--run", default="demo")
+    book.add_argument("--runs-dir", default="runs")
+    book.set_defaults(handler=_book)
+
     status = commands.add_parser("status", help="show a run's stages")
     status.add_argument("--run", default="demo")
     status.add_argument("--runs-dir", default="runs")
@@ -156,6 +161,20 @@ def _run(args) -> int:
         print(f"[{name}] running into {stage.path}")
         manifest = run_stage(config, loaded=loaded)
         print(f"[{name}] {manifest['status']}: {manifest['counts']}")
+    return 0
+
+
+def _book(args) -> int:
+    import subprocess
+
+    from .book import build_book
+
+    try:
+        index = build_book(args.run, args.runs_dir)
+    except (FileNotFoundError, subprocess.CalledProcessError) as error:
+        print(f"selfalign: error: {error}", file=sys.stderr)
+        return 1
+    print(f"book: {index}")
     return 0
 
 

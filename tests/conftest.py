@@ -7,7 +7,6 @@ import torch
 # The tiny test models are dominated by per-op overhead, where a second thread only adds contention
 # (20x slower when the other core is busy); subprocesses inherit this through the environment.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")  # notebooks plot; tests have no screen
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,6 +34,18 @@ def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     manifest = json.loads((tmp_path / "runs" / "b" / "self_align" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["params"]["model"] == "tiny-random"
 
+    # The book is built from those executed copies, with Sphinx warnings as errors.
+    assert main(["book", "--run", "b", "--runs-dir", runs]) == 0
+    html = tmp_path / "runs" / "b" / "book" / "_build" / "html"
+    page = (html / "notebooks" / "02_self_align.html").read_text()
+    assert "Which principles fired" in page and "<img" in page
+    assert (html / "index.html").exists()
+
+
+def test_book_needs_a_finished_run(tmp_path, capsys):
+    assert main(["book", "--run", "nothing", "--runs-dir", str(tmp_path)]) == 1
+    assert "selfalign run --run nothing" in capsys.readouterr().err
+
 
 def test_unknown_parameter_is_refused(tmp_path, capsys):
     assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "-p", "no_such_setting", "1"]) == 1

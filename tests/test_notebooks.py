@@ -30,6 +30,9 @@ def test_pair_is_in_sync(source):
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_headless_on_a_tiny_model(source, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")  # in-process, so no inline backend; papermill kernels keep theirs
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for cell in jupytext.read(source).cells:

@@ -15,7 +15,8 @@ def normalize(requirement: str) -> str:
 
 def test_conda_and_pip_declare_the_same_dependencies():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    declared = project["dependencies"] + extras["dev"] + extras["book"]
     environment = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict) and "pip" in d)
     assert sorted(map(normalize, declared)) == sorted(map(normalize, pip_section))
