@@ -1,9 +1,11 @@
-"""Run the book's notebooks headless with papermill, in order, resuming finished ones.
+"""Run the book's notebooks headless with papermill, in order, resuming finished ones; build the book.
 
 Each notebook in `notebooks/` is executed into `runs/<run>/notebooks/<name>.ipynb` with its
 `parameters` cell overridden (run name, runs directory, model, and any `-p key value` that the
 notebook declares). A notebook whose executed copy exists without an error is not run again; the
 first failure stops the run, keeping the failed copy (with its traceback) and printing its path.
+
+`build_book` then turns a run's executed notebooks into the Jupyter Book (1.x) HTML, offline.
 
 This module only orchestrates: every computation lives in the stage modules the notebooks call.
 """
