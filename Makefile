@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build from this machine's local wheel; a GPU user installs their CUDA torch first (README).
 TORCH ?= torch==2.13.0
 RUN ?= demo
-PROFILE_ARGS ?=
+PROFILE ?= tiny
 
 .PHONY: setup test test-quick run book benchmark clean
 
@@ -28,7 +28,7 @@ test-quick: setup
 
 run: setup
 	$(BIN)/selfalign model prepare
-	$(BIN)/selfalign run --run $(RUN) $(PROFILE_ARGS)
+	$(BIN)/selfalign run --run $(RUN) --profile $(PROFILE)
 
 # The HTML book from the executed notebooks of the last `make run` (nothing is re-executed).
 book: setup

@@ -15,6 +15,21 @@ from __future__ import annotations
 from pathlib import Path
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+PROFILE_DIR = NOTEBOOK_DIR.parent / "profiles"
+
+
+def load_profile(name: str) -> dict:
+    """Notebook parameters of a named profile (`profiles/<name>.yaml`) or of a YAML file path."""
+    import yaml
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no profile {name!r}: choose one of {known} or give a YAML file")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of notebook parameters")
+    return values
 
 
 class NotebookFailed(RuntimeError):
@@ -104,6 +119,7 @@ def build_book(run: str, runs_dir: str | Path = "runs", log=print) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(root / name, stage / name)
     shutil.copytree(root / "book", stage / "book")
+    shutil.copytree(root / "principles", stage / "principles")  # the reference page includes them
     for name in wanted:
         if name.startswith("notebooks/"):
             shutil.copy(executed_dir / (Path(name).name + ".ipynb"), stage / "notebooks")

@@ -74,9 +74,12 @@ def _parser() -> argparse.ArgumentParser:
                                           "resuming finished ones")
     run.add_argument("--run", default="demo")
     run.add_argument("--runs-dir", default="runs")
-    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("--model", default=None, help=f"default: the profile's, else {DEFAULT_MODEL}")
+    run.add_argument("--profile", default="tiny",
+                     help="notebook parameters from profiles/NAME.yaml (tiny, small, full) or a YAML file")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                     help="set a parameter in every notebook (or stage) that has it (value parsed as JSON if it can be)")
+                     help="set a parameter in every notebook (or stage) that has it (value parsed as JSON if it can "
+                          "be); wins over the profile")
     run.add_argument("--direct", action="store_true",
                      help="call the stage functions without notebooks (no kernel; also runs the baseline stage)")
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
@@ -137,18 +140,20 @@ def _stage(args) -> int:
 
 
 def _run(args) -> int:
+    overrides = {key: _parse_value(value) for key, value in args.p}
+    if args.model:
+        overrides["model"] = args.model
     if not args.direct:
-        from .book import NotebookFailed, run_book
+        from .book import NotebookFailed, load_profile, run_book
 
-        parameters = {"model": args.model, **{key: _parse_value(value) for key, value in args.p}}
         try:
-            run_book(args.run, args.runs_dir, parameters, only=args.only)
-        except NotebookFailed as failure:
+            run_book(args.run, args.runs_dir, {**load_profile(args.profile), **overrides}, only=args.only)
+        except (NotebookFailed, FileNotFoundError) as failure:
             print(f"selfalign: error: {failure}", file=sys.stderr)
             return 1
         return 0
-    overrides = {key: _parse_value(value) for key, value in args.p}
-    overrides.update(run=args.run, runs_dir=args.runs_dir, model=args.model)
+    overrides.setdefault("model", DEFAULT_MODEL)
+    overrides.update(run=args.run, runs_dir=args.runs_dir)
     loaded = None
     for name, (config_class, run_stage) in STAGES.items():
         stage = Run(args.run, args.runs_dir).stage(name.replace("-", "_"))
@@ -157,7 +162,7 @@ def _run(args) -> int:
             continue
         known = {f for f in config_class.__dataclass_fields__}
         config = configuration.from_mapping(config_class, {k: v for k, v in overrides.items() if k in known})
-        loaded = loaded or load_model(args.model)
+        loaded = loaded or load_model(overrides["model"])
         print(f"[{name}] running into {stage.path}")
         manifest = run_stage(config, loaded=loaded)
         print(f"[{name}] {manifest['status']}: {manifest['counts']}")

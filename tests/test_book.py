@@ -40,6 +40,7 @@ def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     page = (html / "notebooks" / "02_self_align.html").read_text()
     assert "Which principles fired" in page and "<img" in page
     assert (html / "index.html").exists()
+    assert "Knowledge Recitation" in (html / "book" / "principles.html").read_text()
 
 
 def test_book_needs_a_finished_run(tmp_path, capsys):
@@ -50,3 +51,17 @@ def test_book_needs_a_finished_run(tmp_path, capsys):
 def test_unknown_parameter_is_refused(tmp_path, capsys):
     assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "-p", "no_such_setting", "1"]) == 1
     assert "no notebook takes the parameters ['no_such_setting']" in capsys.readouterr().err
+
+
+def test_profiles(tmp_path, capsys):
+    from selfalign.book import load_profile
+
+    assert load_profile("tiny")["model"] == "smollm2-135m-instruct"
+    assert load_profile("full")["limit"] == 0
+    assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "--profile", "huge"]) == 1
+    assert "choose one of ['full', 'small', 'tiny']" in capsys.readouterr().err
+    # A profile file's values reach the notebooks (here: one that no notebook declares is refused).
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("limit: 3\nno_such_key: 1\n")
+    assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "--profile", str(custom)]) == 1
+    assert "['no_such_key']" in capsys.readouterr().err
