@@ -26,7 +26,6 @@ from .prompts import PRINCIPLES_DIR, check_templates, read_yaml
 
 _CITED = re.compile(r"(\d+)\s*\(([^()\n]{1,60})\)")  # "7 (Candor)"
 _RULE_LIST = re.compile(r"\brules?\s+((?:\d+(?:\s*\([^()\n]{0,60}\))?(?:\s*(?:,|and|&)\s*)?)+)", re.IGNORECASE)
-_NUMBER = re.compile(r"\d+")
 _RULES_SENTENCE = re.compile(r"\s*I should follow rules?\b[^\n]*$", re.IGNORECASE)
 
 
@@ -130,7 +129,7 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
         parsed.append(Principle(row["number"], str(row["name"]).strip(), " ".join(str(row["text"]).split())))
 
     examples = []
-    numbers = {p.number for p in parsed}
+    known = PrincipleSet(tuple(parsed), (), template_data)  # to read exemplar citations as model output is read
     for index, row in enumerate(_read_yaml(exemplars).get("exemplars") or [], 1):
         where = f"{exemplars}: exemplar #{index} ({row.get('id', '?')})"
         missing = [k for k in ("id", "user", "thoughts", "answer") if not str(row.get(k, "")).strip()]
@@ -140,13 +139,12 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
         sentence = _RULES_SENTENCE.search(thoughts)
         if not sentence:
             raise PrincipleError(f"{where}: thoughts must end with 'I should follow rules ...'")
-        listing = _RULE_LIST.search(sentence.group())
-        cites = tuple(int(n) for n in _NUMBER.findall(re.sub(r"\([^)]*\)", "", listing.group(1)))) if listing else ()
-        unknown = sorted(set(cites) - numbers)
+        cites, unknown = _citations(known, sentence.group())
         if unknown or not cites:
-            raise PrincipleError(f"{where}: cites {unknown or 'no'} principle(s) not in {principles}")
+            numbers = sorted({int(label.split()[0]) for label in unknown})
+            raise PrincipleError(f"{where}: cites {numbers or 'no'} principle(s) not in {principles}")
         examples.append(Exemplar(str(row["id"]), str(row["user"]).strip(), thoughts[: sentence.start()].strip(),
-                                 cites, str(row["answer"]).strip(), tuple(row.get("markers") or ())))
+                                 tuple(cites), str(row["answer"]).strip(), tuple(row.get("markers") or ())))
     if not examples:
         raise PrincipleError(f"{exemplars}: expected an 'exemplars:' list")
     return PrincipleSet(tuple(parsed), tuple(examples), template_data)
