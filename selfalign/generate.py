@@ -189,6 +189,7 @@ class HFBackend:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self._prefix_cache: dict[str, object] = {}  # shared prefix -> its key/value cache
+        self._prefix_tokens: tuple[str, list[int]] = ("", [])  # the last shared prefix and its ids
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
@@ -202,7 +203,13 @@ class HFBackend:
         if shared_prefix is None:
             return self._encode(text)
         rest = text[len(shared_prefix):]
-        return self._encode(shared_prefix) + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+        return self._prefix_ids(shared_prefix) + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+    def _prefix_ids(self, shared_prefix: str) -> list[int]:
+        # The prefix is thousands of tokens and the same for every prompt: tokenize it once.
+        if self._prefix_tokens[0] != shared_prefix:
+            self._prefix_tokens = (shared_prefix, self._encode(shared_prefix))
+        return self._prefix_tokens[1]
 
     def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None):
         import torch
@@ -214,7 +221,7 @@ class HFBackend:
         device = self.model.device
         prefix_len = 0
         if shared_prefix is not None:
-            prefix_ids = self._encode(shared_prefix)
+            prefix_ids = self._prefix_ids(shared_prefix)
             prefix_len = len(prefix_ids)
             # The gap between prefix and suffix is padded (masked), so that all rows share the
             # cached prefix positions; position ids come from the mask, so the suffix's positions
