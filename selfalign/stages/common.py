@@ -1,5 +1,5 @@
 """What generating stages share: answer keyed prompts, appending one record per prompt, resumably;
-the settings a manifest records; the shape of a generation record; drop tallies."""
+the settings a manifest records; the shape of a generation record; drop tallies; stage tables."""
 
 from __future__ import annotations
 
@@ -47,3 +47,15 @@ def generation_record(key: str, prompt: str, completion: Completion, origin: dic
 def drop_reasons(rows: Iterable[dict]) -> dict[str, int]:
     """How many drops of each kind (a reason's text before any parenthesised detail)."""
     return dict(Counter(row["reason"].split(" (")[0] for row in rows))
+
+
+def stage_frames(stage, columns: dict[str, list[str]]) -> dict:
+    """Each of the stage's `<name>.jsonl` files as a DataFrame; an absent or empty file gives an
+    empty frame that still has the columns, so notebook cells that select them keep working."""
+    import pandas as pd
+
+    frames = {}
+    for name, names in columns.items():
+        rows = stage.read(f"{name}.jsonl") if (stage.path / f"{name}.jsonl").exists() else []
+        frames[name] = pd.DataFrame(rows) if rows else pd.DataFrame(columns=names)
+    return frames

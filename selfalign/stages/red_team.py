@@ -29,7 +29,7 @@ from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..prompts import PRINCIPLES_DIR, PromptFileError, check_templates, load_prompts, read_yaml
 from ..records import Run, provenance
-from .common import drop_reasons, generate_into, generation_record, settings_of
+from .common import drop_reasons, generate_into, generation_record, settings_of, stage_frames
 
 STAGE = "prompts"
 # Self-Instruct's own list of words that mark a task a text model cannot do.
@@ -332,16 +332,9 @@ def _red_team(config, types, topics, templates, kept, complete, prompts, drops) 
 
 def tables(run_name: str, runs_dir: str = "runs") -> dict:
     """The stage's prompts, topics and drops as pandas DataFrames, for notebooks and reports."""
-    import pandas as pd
-
-    stage = Run(run_name, runs_dir).stage(STAGE)
-    columns = {"prompts": ["id", "prompt", "source", "type", "topic", "seeds", "call"],
-               "topics": ["id", "type", "topic", "call"], "drops": ["id", "reason", "text", "source", "type"]}
-    frames = {}
-    for name, names in columns.items():
-        rows = stage.read(f"{name}.jsonl") if (stage.path / f"{name}.jsonl").exists() else []
-        frames[name] = pd.DataFrame(rows) if rows else pd.DataFrame(columns=names)  # keep columns when empty
-    return frames
+    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
+        "prompts": ["id", "prompt", "source", "type", "topic", "seeds", "call"],
+        "topics": ["id", "type", "topic", "call"], "drops": ["id", "reason", "text", "source", "type"]})
 
 
 def plot_prompts_per_type(prompts, ax=None):

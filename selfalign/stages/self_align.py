@@ -26,7 +26,7 @@ from ..models import DEFAULT_MODEL, load_model
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import drop_reasons, generate_into, generation_record, settings_of
+from .common import drop_reasons, generate_into, generation_record, settings_of, stage_frames
 
 STAGE = "self_align"
 
@@ -141,15 +141,9 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
 
 def tables(run_name: str, runs_dir: str = "runs") -> dict:
     """The stage's responses and drops as pandas DataFrames."""
-    import pandas as pd
-
-    stage = Run(run_name, runs_dir).stage(STAGE)
     columns = ["id", "prompt", "type", "topic", "source", "thoughts", "answer", "triggers", "unknown_citations"]
-    frames = {}
-    for name, extra in (("responses", []), ("drops", ["reason", "raw"])):
-        rows = stage.read(f"{name}.jsonl") if (stage.path / f"{name}.jsonl").exists() else []
-        frames[name] = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns + extra)  # keep columns when empty
-    return frames
+    return stage_frames(Run(run_name, runs_dir).stage(STAGE),
+                        {"responses": columns, "drops": columns + ["reason", "raw"]})
 
 
 def trigger_stats(responses, principle_set: PrincipleSet):
