@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -13,13 +14,15 @@ from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, conver
 from .prompts import PromptFileError
 from .records import Run, RunError
 from .principles import PrincipleError
-from .stages import baseline, red_team, self_align
+from .stages import baseline, engrave, red_team, self_align, verbose
 
 # Stages in pipeline order: name -> (config class, run function). Later stages add themselves here.
 STAGES = {
     "prompts": (red_team.PromptsConfig, red_team.run),
     "self-align": (self_align.SelfAlignConfig, self_align.run),
     "baseline": (baseline.BaselineConfig, baseline.run),
+    "engrave": (engrave.EngraveConfig, engrave.run),
+    "verbose": (verbose.VerboseConfig, verbose.run),
 }
 
 
@@ -53,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="complete prompts and print the results (a smoke test)")
     gen.add_argument("prompts", nargs="+")
     gen.add_argument("--model", default=DEFAULT_MODEL)
-    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument("--adapter", help="a LoRA adapter directory to apply (e.g. runs/NAME/engrave/adapter)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt in the chat format: the adapter's training format with --adapter, "
+                          "else the tokenizer's chat template")
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -62,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
     gen.set_defaults(handler=_generate)
+
+    chat = commands.add_parser("chat", help="talk to a run's engraved or verbose model (an empty line or EOF ends)")
+    chat.add_argument("--run", default="demo")
+    chat.add_argument("--runs-dir", default="runs")
+    chat.add_argument("--stage", choices=["engrave", "verbose"], default="verbose")
+    chat.add_argument("--model", default=None, help="the base model; default: the one the adapter was trained on")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(handler=_chat)
 
     stage = commands.add_parser("stage", help="run one stage").add_subparsers(title="stages")
     for name, (config_class, run_stage) in STAGES.items():
@@ -115,13 +132,21 @@ def _model_prepare(args) -> int:
 def _generate(args) -> int:
     from .generate import Engine
 
+    from .train import ChatFormat, adapter_info, apply_adapter, generation_model
+
     loaded = load_model(args.model)
-    prompts = args.prompts
-    if args.chat:
+    prompts, stops = args.prompts, tuple(args.stop)
+    if args.adapter:
+        info = adapter_info(args.adapter)
+        loaded = generation_model(apply_adapter(loaded, args.adapter))
+        if args.chat and info.get("chat_format"):
+            chat = ChatFormat(**info["chat_format"])
+            prompts, stops = [chat.prompt(p) for p in prompts], stops + (chat.stop,)
+    if args.chat and prompts is args.prompts:
         prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                         add_generation_prompt=True) for p in prompts]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            stop=tuple(args.stop), seed=args.seed)
+                            stop=stops, seed=args.seed)
     engine = Engine.for_model(loaded, batch_size=args.batch_size, progress=len(prompts) > 1)
     for prompt, completion in zip(args.prompts, engine.generate(prompts, params)):
         if args.json:
@@ -132,9 +157,44 @@ def _generate(args) -> int:
     return 0
 
 
+def _chat(args) -> int:
+    from .generate import Engine
+    from .train import ChatFormat, adapter_info, apply_adapter, generation_model
+
+    adapter = Run(args.run, args.runs_dir).root / args.stage / "adapter"
+    info = adapter_info(adapter) if adapter.exists() else None
+    if not info:
+        raise RunError(f"no {args.stage} adapter made by selfalign in {adapter}; run `selfalign stage {args.stage} "
+                       f"--run {args.run}` first")
+    # The adapter stays applied until the process ends, so it is not merged (nothing to restore).
+    loaded = generation_model(apply_adapter(load_model(args.model or info["base_model"]), adapter))
+    chat = ChatFormat(**info["chat_format"])
+    engine = Engine.for_model(loaded, batch_size=1, progress=False)
+    history: list[tuple[str, str]] = []
+    interactive = sys.stdin.isatty()
+    print(f"{chat.assistant} ({args.stage} adapter of run {args.run!r}); an empty line ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                stop=(chat.stop,), seed=args.seed + len(history))
+        prompt = chat.prompt(line, tuple(history))
+        completion = engine.generate([prompt], params, keys=[len(history)])[0]
+        answer = completion.text.strip()
+        print(f"{chat.assistant.lower()}> {answer}" if interactive else answer, flush=True)
+        history.append((line, answer))
+    return 0
+
+
 def _stage(args) -> int:
     config_class, run_stage = STAGES[args.stage]
     manifest = run_stage(configuration.from_args(config_class, args))
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, one process reports
+        return 0
     print(json.dumps({k: manifest[k] for k in ("stage", "status", "counts")}))
     return 0
 

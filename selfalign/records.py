@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -60,6 +61,10 @@ SCHEMAS = {
         Schema("topic", 1, {"id": str, "type": str, "topic": str}),
         Schema("response", 1, {"id": str, "prompt": str, "thoughts": str, "answer": str, "triggers": list,
                                "provenance": dict}),
+        Schema("train_step", 1, {"step": int, "loss": float, "learning_rate": float, "tokens": int}),
+        Schema("sft_example", 1, {"id": str, "prompt": str, "answer": str, "split": str}),
+        Schema("comparison", 1, {"id": str, "base_logprob": float, "adapted_logprob": float}),
+        Schema("answer", 1, {"id": str, "prompt": str, "answer": str, "provenance": dict}),
     ]
 }
 
@@ -78,8 +83,9 @@ def _now() -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    # Write then rename, so a reader never sees half a manifest.
-    partial = path.with_name(path.name + ".partial")
+    # Write then rename, so a reader never sees half a manifest. The name is per process: processes
+    # under `accelerate launch` create the same run directory at the same moment.
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     os.replace(partial, path)
 
@@ -164,7 +170,9 @@ class Stage:
         manifest = self.manifest()
         if manifest is not None and restart:
             for child in self.path.iterdir():
-                if child.is_file():
+                if child.is_dir():
+                    shutil.rmtree(child)  # checkpoints, adapters
+                else:
                     child.unlink()
             manifest = None
         if manifest is not None and manifest["params"] != params:

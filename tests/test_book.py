@@ -10,7 +10,9 @@ from conftest import REPO
 
 TINY = ["--model", "tiny-random", "-p", "limit", "2", "-p", "n_self_instruct", "2", "-p", "types_limit", "2",
         "-p", "max_new_tokens", "8", "-p", "ablation_prompts", "2",
-        "-p", "prompts_file", str(REPO / "principles" / "seed_prompts.jsonl")]
+        "-p", "prompts_file", str(REPO / "principles" / "seed_prompts.jsonl"),
+        "-p", "responses_file", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
+        "-p", "teacher_max_new_tokens", "8", "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4"]
 
 
 @pytest.mark.slow
@@ -41,6 +43,8 @@ def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     assert "Which principles fired" in page and "<img" in page
     assert (html / "index.html").exists()
     assert "Knowledge Recitation" in (html / "book" / "principles.html").read_text()
+    assert "Did the principles move into the weights?" in (html / "notebooks" / "03_principle_engraving.html").read_text()
+    assert (tmp_path / "runs" / "b" / "verbose" / "adapter" / "adapter_config.json").exists()
 
 
 def test_book_needs_a_finished_run(tmp_path, capsys):

@@ -10,7 +10,10 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 TINY = {"model": "tiny-random", "run_name": "nbtest", "n_self_instruct": 2, "types_limit": 2,
         "max_new_tokens": 8, "limit": 4, "ablation_prompts": 2,
         # stage 2 on its own needs prompts; a random model's stage 1 keeps few or none
-        "prompts_file": str(REPO / "principles" / "seed_prompts.jsonl")}
+        "prompts_file": str(REPO / "principles" / "seed_prompts.jsonl"),
+        # stage 3 needs answers a random model cannot write
+        "responses_file": str(REPO / "tests" / "data" / "responses.jsonl"),
+        "epochs": 1, "teacher_max_new_tokens": 8, "sample_prompts": 1, "sample_max_new_tokens": 4}
 
 
 def cells(notebook):
@@ -28,12 +31,19 @@ def test_pair_is_in_sync(source):
     assert len(tagged) == 1, "exactly one cell tagged `parameters`"
 
 
+@pytest.fixture(scope="module")
+def book_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("book")
+
+
+# The notebooks share one run directory and run in order, as in the book: each reads what the
+# previous one wrote (so selecting a later one alone with -k fails).
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_headless_on_a_tiny_model(source, tmp_path, monkeypatch):
+def test_notebook_runs_headless_on_a_tiny_model(source, book_dir, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")  # in-process, so no inline backend; papermill kernels keep theirs
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(book_dir)
     namespace: dict = {}
     for cell in jupytext.read(source).cells:
         if cell.cell_type != "code":

@@ -1,0 +1,146 @@
+"""Stage 4: verbose cloning. The engraved model, told to be thorough, answers again; a second
+adapter learns those answers without being told (context distillation).
+
+The teacher is the base model with stage 3's adapter, prompted with the system overview plus the
+instruction in `principles/verbose_prompt.yaml`, sampled at the paper's T=0.3, top_p=0.7 with
+repetition penalties. The student starts again from the base model and is trained on
+(overview without the instruction, prompt, verbose answer), so the final model answers at length
+with no instruction in its context. An answer that ran into max_new_tokens is cut after its last
+full sentence (or word) and kept, flagged `cut_at_length`; an empty one is dropped.
+
+The prompts are stage 3's, with the same held-out ones, so the held-out comparison measures how
+much likelier the student finds the teacher's unseen answers than the base model does.
+
+Reads: `runs/<run>/engrave/` (data.jsonl, adapter/).
+Writes: `runs/<run>/verbose/` calls.jsonl (teacher generations), answers.jsonl, data.jsonl,
+loss.jsonl, checkpoints/, adapter/, comparison.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from ..generate import Engine, SamplingParams
+from ..models import DEFAULT_MODEL
+from ..prompts import PRINCIPLES_DIR
+from ..records import Run, RunError, provenance
+from ..train import (ChatFormat, TrainSettings, adapted_for_generation, fit_and_compare, load_for_training,
+                     process_state, read_instruction, train_settings)
+from .common import generate_into, generation_record, settings_of
+
+STAGE = "verbose"
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
+
+
+@dataclass
+class VerboseConfig(TrainSettings):
+    run: str = "demo"  # run name: reads <run>/engrave/, writes <run>/verbose/
+    runs_dir: str = "runs"
+    model: str = DEFAULT_MODEL  # the base model stage 3 was trained on
+    instruction: str = str(PRINCIPLES_DIR / "verbose_prompt.yaml")
+    limit: int = 0  # answer only the first N of stage 3's prompts (0: all)
+    temperature: float = 0.3
+    top_p: float = 0.7
+    max_new_tokens: int = 192  # the paper: 512
+    repetition_penalty: float = 1.1
+    no_repeat_ngram_size: int = 6
+    batch_size: int = 8
+    cutoff: int = 768  # the paper's student cutoff
+    min_examples: int = 4
+    train: bool = True  # False: only generate the teacher's answers (e.g. in one process, before
+    #                     training under `accelerate launch`, which then finds them done)
+    seed: int = 0
+    restart: bool = False  # discard this stage's answers, checkpoints and adapter
+
+
+def cut_to_sentence(text: str) -> str:
+    """A truncated answer up to its last full sentence; without one, up to its last whole word."""
+    ends = list(_SENTENCE_END.finditer(text))
+    if ends:
+        return text[:ends[-1].end()].rstrip()
+    return text.rsplit(None, 1)[0] if len(text.split()) > 1 else text
+
+
+def run(config: VerboseConfig, loaded=None) -> dict:
+    state = process_state()
+    run_dir = Run(config.run, config.runs_dir)
+    engraved = run_dir.stage("engrave")
+    if not engraved.finished or not (engraved.path / "adapter" / "adapter_config.json").exists():
+        raise RunError(f"run {config.run!r} has no finished stage 3 (engrave) in {engraved.path}; run it first")
+    stage = run_dir.stage(STAGE)
+    chat = ChatFormat.load(engraved.manifest()["params"]["template"])
+    instruction = read_instruction(config.instruction)
+    TrainSettings.check(config)
+    prompts = [row for row in engraved.read("data.jsonl") if row["split"] != "dropped"][: config.limit or None]
+    holdout = {row["id"] for row in prompts if row["split"] == "holdout"}
+    adapter_hash = hashlib.sha256((engraved.path / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    if state.is_main_process:
+        settings = {k: v for k, v in settings_of(config).items() if k != "train"}  # a mode, not a setting
+        stage.start({**settings, "teacher_sha256": adapter_hash, "instruction_text": instruction},
+                    restart=config.restart)
+    state.wait_for_everyone()
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                            stop=(chat.stop,), seed=config.seed, repetition_penalty=config.repetition_penalty,
+                            no_repeat_ngram_size=config.no_repeat_ngram_size)
+    origin = provenance(f"{config.model}+engrave", params.to_dict(), config.seed)
+    with stage.writer("calls.jsonl", "generation/1") as calls:
+        pending = [row for row in prompts if row["id"] not in calls]
+    if pending and state.num_processes > 1:
+        raise RunError(f"{len(pending)} teacher answers are still to be generated; generate them in one process "
+                       f"first (selfalign stage verbose --no-train), then train under accelerate launch")
+    loaded = loaded or load_for_training(config.model, train_settings(config))
+    if state.is_main_process:
+        _teach(stage, loaded, prompts, chat, instruction, params, origin, config, run_dir)
+    state.wait_for_everyone()
+    if not config.train:
+        return stage.manifest()
+
+    answers = stage.read("answers.jsonl")
+    counts = fit_and_compare(stage, loaded, answers, chat, config, holdout & {a["id"] for a in answers},
+                             {"stage": STAGE, "teacher_sha256": adapter_hash, "chat_format": chat.to_dict(),
+                              "instruction": instruction})
+    if state.is_main_process:
+        counts["answers"] = len(answers)
+        counts["cut_at_length"] = sum(a["cut_at_length"] for a in answers)
+        counts["mean_answer_words"] = round(sum(len(a["answer"].split()) for a in answers) / max(len(answers), 1), 1)
+        stage.finish(counts)
+    state.wait_for_everyone()
+    return stage.manifest()
+
+
+def _teach(stage, loaded, prompts, chat, instruction, params, origin, config, run_dir) -> None:
+    """The teacher's answers into calls.jsonl and answers.jsonl (resumable: done ones are skipped)."""
+    source = {row["id"]: row for row in prompts}
+    with stage.writer("calls.jsonl", "generation/1") as calls, stage.writer("answers.jsonl", "answer/1") as answers:
+        todo = [row for row in prompts if row["id"] not in calls]
+        if todo:
+            with adapted_for_generation(loaded, run_dir.stage("engrave").path / "adapter") as teacher:
+                def record(key, text, completion):
+                    return generation_record(key, text, completion, origin)
+
+                items = [(row["id"], chat.prompt(row["prompt"], instruction=instruction)) for row in todo]
+                generate_into(calls, items, Engine.for_model(teacher, batch_size=config.batch_size), params, record)
+        for call in stage.read("calls.jsonl"):
+            if call["id"] in answers or call["id"] not in source:
+                continue
+            text = call["completion"].strip()
+            cut = call["finish_reason"] == "length"
+            if cut:
+                text = cut_to_sentence(text)
+            answers.write({"id": call["id"], "prompt": source[call["id"]]["prompt"], "answer": text,
+                           "cut_at_length": cut, "finish_reason": call["finish_reason"],
+                           "provenance": call["provenance"]})
+
+
+def tables(run_name: str, runs_dir: str = "runs") -> dict:
+    """answers, data, loss and comparison as DataFrames."""
+    from .common import stage_frames
+
+    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
+        "answers": ["id", "prompt", "answer", "cut_at_length", "finish_reason"],
+        "data": ["id", "prompt", "answer", "split", "tokens", "answer_tokens", "reason"],
+        "loss": ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens"],
+        "comparison": ["id", "answer_tokens", "base_logprob", "adapted_logprob"],
+    })

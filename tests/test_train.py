@@ -1,0 +1,295 @@
+"""Stages 3 and 4 on the tiny random model: examples, schedule, LoRA training, resume, adapters."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from selfalign.models import LoadedModel, ModelError, tiny_random_model
+from selfalign.records import Run, RunError
+from selfalign.stages import engrave, verbose
+from selfalign.stages.verbose import cut_to_sentence
+from selfalign.train import (ChatFormat, TrainSettings, apply_adapter, batch_schedule, build_examples, split_holdout,
+                             train_lora)
+
+CHAT = ChatFormat.load()
+
+
+def write_responses(path, n=12, name="Watson"):
+    rows = [{"id": f"r{i:02}", "prompt": f"What is {i} plus {i}?",
+             "answer": f"{name} thinks {i} plus {i} is {2 * i}. It is simple arithmetic."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_chat_format_renders_turns_and_target():
+    prompt = CHAT.prompt("Hello?", history=(("First?", "One."),))
+    assert CHAT.assistant == "Dromedary"
+    assert prompt.endswith("### User\nHello?\n\n### Dromedary\n")
+    assert "### User\nFirst?\n\n### Dromedary\nOne.\n\n### User\nHello?" in prompt
+    assert "principle" not in prompt.lower() and "rule" not in prompt.lower()
+    assert CHAT.target(" Hi. ") == "Hi.\n\n### User"
+    assert CHAT.stop == "### User"
+    verbose_prompt = CHAT.prompt("Hello?", instruction="{assistant} is thorough.")
+    assert "Dromedary is thorough." in verbose_prompt and "Dromedary is thorough." not in prompt
+
+
+def test_chat_format_file_errors(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("assistant: X\ndeveloper: Y\noverview: o\nconversation_heading: h\n"
+                   "user_turn: 'User'\nassistant_turn: '### {assistant}\\n{text}'\nend_of_answer: '### User'\n")
+    with pytest.raises(ValueError, match="user_turn.*lacks \\{text\\}"):
+        ChatFormat.load(bad)
+    bad.write_text(bad.read_text().replace("user_turn: 'User'", "user_turn: '{text}'")
+                   .replace("end_of_answer: '### User'", "end_of_answer: ' '"))
+    with pytest.raises(ValueError, match="end_of_answer"):
+        ChatFormat.load(bad)
+
+
+def test_examples_mask_everything_but_the_answer(tiny):
+    records = [{"id": "a", "prompt": "Name a colour.", "answer": "Blue."},
+               {"id": "b", "prompt": "Say nothing.", "answer": "  "},
+               {"id": "c", "prompt": "Long?", "answer": "word " * 400}]
+    examples, drops = build_examples(records, tiny, CHAT, cutoff=256)
+    assert [e.id for e in examples] == ["a"]
+    assert {d["id"]: d["reason"].split(" (")[0] for d in drops} == {"b": "empty answer", "c": "longer than the cutoff"}
+    example = examples[0]
+    context = tiny.tokenizer(CHAT.prompt("Name a colour."))["input_ids"]
+    target = tiny.tokenizer(CHAT.target("Blue."), add_special_tokens=False)["input_ids"]
+    assert example.input_ids == context + target
+    assert example.labels == [-100] * len(context) + target
+    assert tiny.tokenizer.decode([t for t in example.labels if t != -100]) == "Blue.\n\n### User"
+
+
+def test_holdout_is_stable_and_sized():
+    ids = [f"id{i}" for i in range(50)]
+    held = split_holdout(ids, 0.2, seed=1)
+    assert len(held) == 10
+    assert split_holdout(list(reversed(ids)), 0.2, seed=1) == held
+    assert split_holdout(ids, 0.2, seed=2) != held
+    assert len(split_holdout(ids[:3], 0.1, 0)) == 1
+    assert split_holdout(ids, 0.0, 0) == set() and split_holdout(["x"], 0.5, 0) == set()
+    with pytest.raises(ValueError):
+        split_holdout(ids, 1.0, 0)
+
+
+def test_schedule_covers_each_epoch_and_fills_the_last_step():
+    settings = TrainSettings(epochs=3, micro_batch_size=4, grad_accum=2)
+    steps = batch_schedule(10, settings, seed=0, processes=2)
+    flat = [i for step in steps for micro in step for i in micro]
+    assert all(len(step) == 4 for step in steps)  # processes x accum micro-batches every step
+    first_epochs = [i for step in steps for micro in step for i in micro][:30]
+    for epoch in range(3):
+        assert sorted(first_epochs[epoch * 10:(epoch + 1) * 10]) == list(range(10))
+    assert first_epochs[:10] != first_epochs[10:20]  # each epoch reshuffled
+    assert len(flat) >= 30
+    assert batch_schedule(10, settings, seed=0, processes=2) == steps
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learning_rate": 3.0}, "learning_rate"), ({"rank": 0}, "rank"), ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"epochs": 0}, "epochs"), ({"mixed_precision": "fp8"}, "mixed_precision"), ({"cutoff": 4}, "cutoff"),
+])
+def test_settings_that_make_no_sense_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(**change).check()
+
+
+def fresh_tiny():
+    model, tokenizer = tiny_random_model()
+    return LoadedModel(model, tokenizer, "tiny-random", None)
+
+
+def test_training_lowers_the_loss_and_the_adapter_loads_with_plain_peft(tmp_path):
+    from peft import PeftModel
+
+    loaded = fresh_tiny()
+    records = [{"id": f"x{i}", "prompt": f"Question {i % 3}", "answer": "The answer is always forty-two."}
+               for i in range(8)]
+    examples, _ = build_examples(records, loaded, CHAT, 256)
+    settings = TrainSettings(epochs=6, learning_rate=3e-2, micro_batch_size=4, warmup_steps=0, checkpoint_every=5)
+    summary = train_lora(loaded, examples, settings, tmp_path, seed=0, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert summary["steps"] == len(losses) == 12
+    assert losses[-1] < losses[0] - 0.25, losses  # a random 2-layer model learns slowly through attention alone
+    # The caller's model is handed back without LoRA layers.
+    assert not any("lora" in name for name, _ in loaded.model.named_parameters())
+    # Only the two newest checkpoints are kept, and they hold the adapter, not the base weights.
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-10", "step-12"]
+    assert not list((tmp_path / "checkpoints").rglob("model*.safetensors"))
+
+    base_logits = loaded.model(torch.tensor([examples[0].input_ids])).logits
+    tuned = PeftModel.from_pretrained(loaded.model, str(tmp_path / "adapter"))
+    tuned_logits = tuned(torch.tensor([examples[0].input_ids])).logits
+    assert not torch.allclose(base_logits, tuned_logits)
+    info = json.loads((tmp_path / "adapter" / "selfalign_adapter.json").read_text())
+    assert info["base_model"] == "tiny-random" and info["examples"] == 8
+
+
+def test_an_adapter_for_another_shape_is_refused(tmp_path):
+    loaded = fresh_tiny()
+    examples, _ = build_examples([{"id": "a", "prompt": "Hi", "answer": "Hello."}], loaded, CHAT, 256)
+    train_lora(loaded, examples, TrainSettings(epochs=1), tmp_path, progress=False)
+    model, tokenizer = tiny_random_model(hidden_size=32)
+    with pytest.raises(ModelError, match="another shape.*hidden_size"):
+        apply_adapter(LoadedModel(model, tokenizer, "small", None), tmp_path / "adapter")
+    with pytest.raises(ModelError, match="not a PEFT adapter"):
+        apply_adapter(loaded, tmp_path)
+
+
+def test_engrave_stops_on_unfinished_stage_two_unless_asked(tmp_path, tiny):
+    run = Run("r", tmp_path)
+    stage = run.stage("self_align")
+    stage.start({"assistant": "Watson"})
+    write_responses(stage.path / "responses.jsonl")
+    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+    with pytest.raises(RunError, match="not finished \\(12 responses"):
+        engrave.run(config, loaded=tiny)
+    config.allow_incomplete = True
+    manifest = engrave.run(config, loaded=tiny)
+    assert manifest["counts"]["train"] + manifest["counts"]["holdout"] == 12
+    data = run.stage("engrave").read("data.jsonl")
+    assert all("Watson" not in row["answer"] and "Dromedary thinks" in row["answer"] for row in data)
+
+
+def test_too_few_examples_is_an_error(tmp_path, tiny):
+    write_responses(tmp_path / "responses.jsonl", n=3)
+    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random",
+                                   responses=str(tmp_path / "responses.jsonl"))
+    with pytest.raises(ValueError, match="only 2 training examples"):
+        engrave.run(config, loaded=tiny)
+
+
+def test_engrave_then_verbose_end_to_end(tmp_path, tiny):
+    write_responses(tmp_path / "responses.jsonl", n=10)
+    common = dict(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+    with pytest.raises(RunError, match="no finished stage 3"):
+        verbose.run(verbose.VerboseConfig(**common), loaded=tiny)
+    first = engrave.run(engrave.EngraveConfig(**common, responses=str(tmp_path / "responses.jsonl")), loaded=tiny)
+    counts = first["counts"]
+    assert counts["holdout"] == 2 and counts["train"] == 8 and "holdout_adapted_logprob" in counts
+    second = verbose.run(verbose.VerboseConfig(**common, max_new_tokens=12, temperature=1.0, min_examples=1),
+                         loaded=tiny)
+    stage = Run("r", tmp_path).stage("verbose")
+    answers = stage.read("answers.jsonl")
+    assert len(answers) == 10 and second["status"] == "finished"
+    calls = stage.read("calls.jsonl")
+    assert all("thorough" in c["prompt"] for c in calls)  # the teacher was told to be verbose
+    trained = [row for row in stage.read("data.jsonl") if row["split"] == "train"]
+    assert trained and all(row["answer"] for row in trained)
+    assert not any("lora" in name for name, _ in tiny.model.named_parameters())
+
+
+def test_cut_to_sentence():
+    assert cut_to_sentence("One. Two! Three and") == "One. Two!"
+    assert cut_to_sentence('He said "yes." Then') == 'He said "yes."'
+    assert cut_to_sentence("no end at all") == "no end at"
+    assert cut_to_sentence("word") == "word"
+
+
+def test_chat_command_answers_each_line(tmp_path, tiny):
+    write_responses(tmp_path / "responses.jsonl", n=6)
+    engrave.run(engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1,
+                                      responses=str(tmp_path / "responses.jsonl")), loaded=tiny)
+    result = subprocess.run([sys.executable, "-m", "selfalign", "chat", "--run", "r", "--runs-dir", str(tmp_path),
+                             "--stage", "engrave", "--max-new-tokens", "5"],
+                            input="Hello?\nAnd then?\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Dromedary (engrave adapter" in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "selfalign", "chat", "--run", "r", "--runs-dir", str(tmp_path),
+                              "--stage", "verbose"], input="", capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "selfalign stage verbose" in missing.stderr
+
+
+def engrave_command(tmp_path, responses, run):
+    return [sys.executable, "-m", "selfalign", "stage", "engrave", "--run", run, "--runs-dir", str(tmp_path),
+            "--model", "tiny-random", "--responses", str(responses), "--epochs", "40", "--micro-batch-size", "2",
+            "--checkpoint-every", "3", "--learning-rate", "0.002", "--holdout", "0"]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=6)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = subprocess.run(engrave_command(tmp_path, responses, "whole"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    process = subprocess.Popen(engrave_command(tmp_path, responses, "killed"), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "engrave" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list(checkpoints.glob("step-*/complete.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "training ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "engrave" / "adapter").exists()
+
+    resumed = subprocess.run(engrave_command(tmp_path, responses, "killed"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    counts = json.loads(resumed.stdout.strip().splitlines()[-1])["counts"]
+    assert 0 < counts["resumed_from"] < counts["steps"]
+    expected = load_file(str(tmp_path / "whole" / "engrave" / "adapter" / "adapter_model.safetensors"))
+    found = load_file(str(tmp_path / "killed" / "engrave" / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == found.keys()
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (checkpoints.parent / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, counts["steps"] + 1))
+
+
+@pytest.mark.slow
+def test_two_process_training_under_accelerate_launch(tmp_path):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=10)
+    with socket.socket() as probe:  # a free port, so a leftover process elsewhere cannot collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "selfalign", "stage", "engrave", "--run", "ddp", "--runs-dir", str(tmp_path),
+               "--model", "tiny-random", "--responses", str(responses), "--epochs", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # one process reports
+    counts = json.loads(reports[0])["counts"]
+    assert counts["processes"] == 2
+    # 8 training examples an epoch in micro-batches of 4, one on each of the 2 processes: 1 step an epoch.
+    assert counts["steps"] == 4
+    info = json.loads((tmp_path / "ddp" / "engrave" / "adapter" / "selfalign_adapter.json").read_text())
+    assert info["processes"] == 2
+    assert len((tmp_path / "ddp" / "engrave" / "loss.jsonl").read_text().splitlines()) == 4
+
+
+def test_generating_with_an_adapter_leaves_the_base_weights_as_they_were(tmp_path):
+    from selfalign.train import adapted_for_generation
+
+    loaded = fresh_tiny()
+    examples, _ = build_examples([{"id": "a", "prompt": "Hi", "answer": "Hello there."}], loaded, CHAT, 256)
+    train_lora(loaded, examples, TrainSettings(epochs=2, learning_rate=0.05), tmp_path, progress=False)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        base_logits = loaded.model(ids).logits
+        with adapted_for_generation(loaded, tmp_path / "adapter") as adapted:
+            assert not torch.allclose(adapted.model(ids).logits, base_logits, atol=1e-4)  # the adapter acts
+        after_logits = loaded.model(ids).logits
+    after = loaded.model.state_dict()
+    assert before.keys() == after.keys()  # no LoRA layers left behind
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after_logits, base_logits)
