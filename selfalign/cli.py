@@ -14,7 +14,7 @@ from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, conver
 from .prompts import PromptFileError
 from .records import Run, RunError
 from .principles import PrincipleError
-from .stages import baseline, engrave, red_team, self_align, verbose
+from .stages import baseline, engrave, evaluation, red_team, self_align, verbose
 
 # Stages in pipeline order: name -> (config class, run function). Later stages add themselves here.
 STAGES = {
@@ -23,6 +23,7 @@ STAGES = {
     "baseline": (baseline.BaselineConfig, baseline.run),
     "engrave": (engrave.EngraveConfig, engrave.run),
     "verbose": (verbose.VerboseConfig, verbose.run),
+    "evaluate": (evaluation.EvaluateConfig, evaluation.run),
 }
 
 

@@ -64,6 +64,9 @@ SCHEMAS = {
         Schema("train_step", 1, {"step": int, "loss": float, "learning_rate": float, "tokens": int}),
         Schema("sft_example", 1, {"id": str, "prompt": str, "answer": str, "split": str}),
         Schema("comparison", 1, {"id": str, "base_logprob": float, "adapted_logprob": float}),
+        Schema("eval_item", 1, {"id": str, "benchmark": str, "model": str, "scores": dict}),
+        Schema("eval_summary", 1, {"id": str, "benchmark": str, "metric": str, "model": str, "value": (float, int),
+                                   "n": int}),
         Schema("answer", 1, {"id": str, "prompt": str, "answer": str, "provenance": dict}),
     ]
 }

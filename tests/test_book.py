@@ -12,7 +12,8 @@ TINY = ["--model", "tiny-random", "-p", "limit", "2", "-p", "n_self_instruct", "
         "-p", "max_new_tokens", "8", "-p", "ablation_prompts", "2",
         "-p", "prompts_file", str(REPO / "principles" / "seed_prompts.jsonl"),
         "-p", "responses_file", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
-        "-p", "teacher_max_new_tokens", "8", "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4"]
+        "-p", "teacher_max_new_tokens", "8", "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4",
+        "-p", "eval_limit", "3", "-p", "vicuna_questions", "2", "-p", "eval_max_new_tokens", "4"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ TINY = {"model": "tiny-random", "run_name": "nbtest", "n_self_instruct": 2, "typ
         "prompts_file": str(REPO / "principles" / "seed_prompts.jsonl"),
         # stage 3 needs answers a random model cannot write
         "responses_file": str(REPO / "tests" / "data" / "responses.jsonl"),
-        "epochs": 1, "teacher_max_new_tokens": 8, "sample_prompts": 1, "sample_max_new_tokens": 4}
+        "epochs": 1, "teacher_max_new_tokens": 8, "sample_prompts": 1, "sample_max_new_tokens": 4,
+        "data_dir": str(REPO.parent / "shared" / "data"), "eval_limit": 3, "vicuna_questions": 2,
+        "eval_max_new_tokens": 4}
 
 
 def cells(notebook):

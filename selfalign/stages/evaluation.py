@@ -1,0 +1,246 @@
+"""Stage 5: evaluation. The base model and each trained adapter of a run on the same benchmarks.
+
+Models: `base`, then `engraved` (stage 3) and `verbose` (stage 4) when the run has their adapters.
+Benchmarks (scoring in `selfalign.evaluate`; data from `data_dir`):
+- `truthfulqa`: MC1 and MC2 by answer log-likelihood, and the paper's true/false exam variant of
+  MC1 (labelled `truthfulqa_mc_paper`; it is not comparable with MC1);
+- `hhh`: BIG-bench HHH accuracy by total and per-token answer log-likelihood and by the paper's A/B
+  exam scored in both orders, overall and per subset;
+- `vicuna`: each model answers the Vicuna questions (greedy, the training format of stage 3, no
+  principles); a judge model compares each adapted model's answer with the base model's in both
+  orders. With a small judge (the default is the base model itself) the verdicts are a smoke
+  test, and the table says so.
+
+`limit` takes a seeded sample of each benchmark's items (the same items for every model).
+Each (model, benchmark) is written as it finishes, so an interrupted stage redoes at most one.
+
+Writes `runs/<run>/evaluate/`: items.jsonl (one record per model and item), summary.jsonl,
+answers.jsonl and calls.jsonl (Vicuna answers), and summary.csv / summary.md, the comparison
+table (one row per benchmark and metric, one column per model).
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import evaluate as ev
+from ..generate import Engine, SamplingParams
+from ..models import DEFAULT_MODEL, load_model
+from ..records import Run, RunError, provenance
+from ..train import ChatFormat, adapted_for_generation
+from .common import generate_into, generation_record, settings_of
+
+STAGE = "evaluate"
+BENCHMARKS = ("truthfulqa", "hhh", "vicuna")
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = "demo"  # reads the run's engrave/ and verbose/ adapters, writes <run>/evaluate/
+    runs_dir: str = "runs"
+    model: str = DEFAULT_MODEL  # the base model the adapters were trained on
+    benchmarks: tuple[str, ...] = BENCHMARKS
+    limit: int = 60  # items sampled from each benchmark (0: all; TruthfulQA has 817, HHH 221, Vicuna 80)
+    vicuna_limit: int = 16  # Vicuna questions (0: as limit); each model generates an answer to each
+    data_dir: str = str(ev.DATA_DIR)  # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl
+    truthfulqa_paper: bool = True  # also the paper's true/false exam variant of MC1
+    judge: str = ""  # the Vicuna judge: a model name or directory; "": the base model
+    max_new_tokens: int = 128  # per Vicuna answer
+    batch_size: int = 16
+    seed: int = 0
+    restart: bool = False
+
+
+def models_of(run_dir: Run) -> dict[str, Path | None]:
+    """{label: adapter directory or None for the base model} for the adapters this run has."""
+    found: dict[str, Path | None] = {"base": None}
+    for label, stage in (("engraved", "engrave"), ("verbose", "verbose")):
+        adapter = run_dir.stage(stage).path / "adapter"
+        if (adapter / "adapter_config.json").exists() and run_dir.stage(stage).finished:
+            found[label] = adapter
+    return found
+
+
+def sample(items: list, limit: int, seed: int) -> list:
+    """`limit` items chosen by a seeded draw, in their original order (all when limit is 0)."""
+    if not limit or limit >= len(items):
+        return list(items)
+    keep = set(random.Random(seed).sample(range(len(items)), limit))
+    return [item for index, item in enumerate(items) if index in keep]
+
+
+def run(config: EvaluateConfig, loaded=None) -> dict:
+    unknown = set(config.benchmarks) - set(BENCHMARKS)
+    if unknown:
+        raise ValueError(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    run_dir = Run(config.run, config.runs_dir)
+    stage = run_dir.stage(STAGE)
+    models = models_of(run_dir)
+    stage.start({**settings_of(config), "models": sorted(models)}, restart=config.restart)
+    data = _load_data(config)
+    loaded = loaded or load_model(config.model)
+    chat = ChatFormat.load()
+
+    with stage.writer("items.jsonl", "eval_item/1") as items, stage.writer("summary.jsonl", "eval_summary/1") as summary:
+        done = {row["id"].rsplit(":", 2)[0] for row in stage.read("summary.jsonl")} if len(summary) else set()
+        answers: dict[str, list[str]] = {}
+        for label, adapter in models.items():
+            with adapted_for_generation(loaded, adapter) if adapter else nullcontext(loaded) as model:
+                scorer = ev.ModelScorer(model, batch_size=config.batch_size)
+                for benchmark in ("truthfulqa", "truthfulqa_paper", "hhh"):
+                    if benchmark.split("_")[0] not in config.benchmarks or f"{label}:{benchmark}" in done:
+                        continue
+                    if benchmark == "truthfulqa_paper" and not config.truthfulqa_paper:
+                        continue
+                    result = _score(benchmark, scorer, data)
+                    _write(items, summary, result, label, benchmark)
+                if "vicuna" in config.benchmarks:
+                    answers[label] = _answer(stage, model, label, data["vicuna"], chat, config)
+        if "vicuna" in config.benchmarks and len(models) > 1:
+            judge = load_model(config.judge) if config.judge else loaded
+            for label in [m for m in models if m != "base"]:
+                if f"{label}:vicuna" in done:
+                    continue
+                result = ev.judge_pairwise(judge, data["vicuna"], answers[label], answers["base"],
+                                           name_a=label, name_b="base", batch_size=config.batch_size)
+                _write(items, summary, result, label, "vicuna")
+
+    table = comparison(config.run, config.runs_dir)
+    ev.write_table(table, stage.path / "summary.csv")
+    notes = sorted({note for note in table.get("note", []) if note})
+    (stage.path / "summary.md").write_text(ev.markdown_table(table.drop(columns=["note"], errors="ignore"))
+                                           + "".join(f"\nNote: {note}\n" for note in notes), encoding="utf-8")
+    stage.finish({"models": list(models), "rows": len(table)})
+    return stage.manifest()
+
+
+def data_files(data_dir: str | Path) -> dict[str, Path]:
+    root = Path(data_dir)
+    return {"truthfulqa": root / "truthfulqa.csv", "hhh": root / "hhh_alignment",
+            "vicuna": root / "vicuna_questions.jsonl"}
+
+
+def available(data_dir: str | Path) -> tuple[str, ...]:
+    """The benchmarks whose data is in data_dir."""
+    return tuple(name for name, path in data_files(data_dir).items() if path.exists())
+
+
+def _load_data(config) -> dict:
+    files = data_files(config.data_dir)
+    missing = [str(files[b]) for b in config.benchmarks if not files[b].exists()]
+    if missing:
+        raise RunError(f"benchmark data not found: {', '.join(missing)}; pass data_dir (see the README for "
+                       "where each file comes from) or leave those benchmarks out")
+    data = {}
+    if "truthfulqa" in config.benchmarks:
+        data["truthfulqa"] = sample(ev.load_truthfulqa(files["truthfulqa"]), config.limit, config.seed)
+    if "hhh" in config.benchmarks:
+        data["hhh"] = sample(ev.load_hhh(files["hhh"]), config.limit, config.seed)
+    if "vicuna" in config.benchmarks:
+        data["vicuna"] = sample(ev.load_vicuna_questions(files["vicuna"]), config.vicuna_limit or config.limit,
+                                config.seed)
+    return data
+
+
+def _score(benchmark: str, scorer, data: dict):
+    if benchmark == "truthfulqa":
+        return ev.truthfulqa_mc(scorer, data["truthfulqa"])
+    if benchmark == "truthfulqa_paper":
+        return ev.truthfulqa_mc_paper(scorer, data["truthfulqa"])
+    return ev.hhh_eval(scorer, data["hhh"])
+
+
+def _write(items, summary, result, label: str, unit: str) -> None:
+    """A finished (model, benchmark) unit: its items, then its summary rows (which mark it done)."""
+    for record in ev.item_records(result):
+        items.write({**record, "id": f"{label}:{record['id']}", "model": label})
+    for record in ev.summary_records([result]):
+        # The first two parts of the id name the unit, so a resumed stage knows it is done.
+        items_id = f"{label}:{unit}:{record['benchmark']}:{record['metric']}"
+        summary.write({**record, "id": items_id, "model": label, "judge": result.model if unit == "vicuna" else "",
+                       "note": record.get("note") or ""})
+
+
+def _answer(stage, model, label: str, questions: list[dict], chat: ChatFormat, config) -> list[str]:
+    """Greedy answers of one model to the Vicuna questions (resumable), in question order."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens, stop=(chat.stop,),
+                            seed=config.seed)
+    origin = provenance(f"{config.model}:{label}", params.to_dict(), config.seed)
+    keys = {q["question_id"]: f"{label}:{q['question_id']}" for q in questions}
+    with stage.writer("calls.jsonl", "generation/1") as calls:
+        items = [(keys[q["question_id"]], chat.prompt(q["question"])) for q in questions]
+        generate_into(calls, items, Engine.for_model(model, batch_size=config.batch_size, truncate="left"), params,
+                      lambda key, text, completion: generation_record(key, text, completion, origin))
+    by_key = {row["id"]: row["completion"].strip() for row in stage.read("calls.jsonl")}
+    return [by_key[keys[q["question_id"]]] for q in questions]
+
+
+def comparison(run_name: str, runs_dir: str = "runs"):
+    """The summary as one row per benchmark and metric, one column per model (Vicuna: each adapted
+    model against the base model, so the base column is empty there)."""
+    import pandas as pd
+
+    path = Run(run_name, runs_dir).stage(STAGE).path / "summary.jsonl"
+    rows = Run(run_name, runs_dir).stage(STAGE).read("summary.jsonl") if path.exists() else []
+    if not rows:
+        return pd.DataFrame(columns=["benchmark", "metric", "n"])
+    frame = pd.DataFrame(rows)
+    table = frame.pivot_table(index=["benchmark", "metric"], columns="model", values="value", sort=False)
+    order = [m for m in ("base", "engraved", "verbose") if m in table.columns]
+    table = table[order].reset_index()
+    n = frame.groupby(["benchmark", "metric"], sort=False)["n"].max().reset_index()
+    notes = frame.groupby(["benchmark", "metric"], sort=False)["note"].first().reset_index()
+    return table.merge(n, on=["benchmark", "metric"]).merge(notes, on=["benchmark", "metric"])
+
+
+def tables(run_name: str, runs_dir: str = "runs") -> dict:
+    """items, summary and calls (Vicuna answers) as DataFrames."""
+    from .common import stage_frames
+
+    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
+        "items": ["id", "benchmark", "model", "scores"],
+        "summary": ["id", "benchmark", "metric", "model", "value", "n", "note"],
+        "calls": ["id", "prompt", "completion", "finish_reason"],
+    })
+
+
+def truthfulqa_by_category(run_name: str, runs_dir: str = "runs", metric: str = "mc1"):
+    """Mean MC1 (or MC2) per TruthfulQA category and model, with each category's question count."""
+    import pandas as pd
+
+    items = tables(run_name, runs_dir)["items"]
+    items = items[items["benchmark"] == "truthfulqa_mc"]
+    if not len(items):
+        return pd.DataFrame(columns=["n"])
+    scores = pd.json_normalize(items["scores"].tolist()).assign(model=items["model"].tolist())
+    table = scores.pivot_table(index="category", columns="model", values=metric, aggfunc="mean")
+    table = table[[m for m in ("base", "engraved", "verbose") if m in table.columns]]
+    table.insert(0, "n", scores.groupby("category").size() // scores["model"].nunique())
+    return table.sort_values("n", ascending=False)
+
+
+def vicuna_answers(run_name: str, runs_dir: str = "runs", data_dir: str | Path = ev.DATA_DIR):
+    """One row per Vicuna question: the question, then each model's answer, then each trained
+    model's verdict against the base model."""
+    import pandas as pd
+
+    frames = tables(run_name, runs_dir)
+    calls = frames["calls"]
+    if not len(calls):
+        return pd.DataFrame(columns=["question"])
+    parts = calls["id"].str.split(":", n=1)
+    calls = calls.assign(model=parts.str[0], question_id=parts.str[1])
+    table = calls.pivot_table(index="question_id", columns="model", values="completion", aggfunc="first")
+    table = table[[m for m in ("base", "engraved", "verbose") if m in table.columns]]
+    path = data_files(data_dir)["vicuna"]
+    questions = {str(q["question_id"]): q["question"] for q in ev.load_vicuna_questions(path)} if path.exists() else {}
+    table.insert(0, "question", [questions.get(str(i), "") for i in table.index])
+    items = frames["items"]
+    for _, row in items[items["benchmark"] == "vicuna_pairwise"].iterrows():
+        question = row["id"].split(":")[-1]
+        if question in table.index:
+            table.loc[question, f"{row['model']} vs base"] = row["scores"]["verdict"]
+    return table

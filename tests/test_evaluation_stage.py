@@ -1,0 +1,62 @@
+"""Stage 5 on the tiny random model: every model of a run on the same sampled items, resumably."""
+
+import json
+
+import pytest
+
+from selfalign.records import Run, RunError
+from selfalign.stages import engrave, evaluation
+from conftest import REPO
+
+
+def test_sample_is_seeded_and_keeps_order():
+    items = list(range(100))
+    chosen = evaluation.sample(items, 10, seed=3)
+    assert len(chosen) == 10 and chosen == sorted(chosen)
+    assert evaluation.sample(items, 10, seed=3) == chosen and evaluation.sample(items, 10, seed=4) != chosen
+    assert evaluation.sample(items, 0, seed=3) == items and evaluation.sample(items, 500, seed=3) == items
+
+
+def test_bad_benchmarks_and_missing_data_are_errors(tmp_path, tiny):
+    with pytest.raises(ValueError, match="unknown benchmarks"):
+        evaluation.run(evaluation.EvaluateConfig(run="r", runs_dir=str(tmp_path), benchmarks=("mmlu",)), loaded=tiny)
+    with pytest.raises(RunError, match="benchmark data not found"):
+        evaluation.run(evaluation.EvaluateConfig(run="r", runs_dir=str(tmp_path), data_dir=str(tmp_path)),
+                       loaded=tiny)
+    assert evaluation.available(tmp_path) == ()
+
+
+def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny, shared_data):
+    runs = str(tmp_path)
+    engrave.run(engrave.EngraveConfig(run="r", runs_dir=runs, model="tiny-random", epochs=3, learning_rate=0.05,
+                                      responses=str(REPO / "tests" / "data" / "responses.jsonl")), loaded=tiny)
+    config = evaluation.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", limit=4, vicuna_limit=2,
+                                       data_dir=str(shared_data), max_new_tokens=6, batch_size=4)
+    manifest = evaluation.run(config, loaded=tiny)
+    assert manifest["counts"]["models"] == ["base", "engraved"]
+    table = evaluation.comparison("r", runs)
+    overall = table.set_index(["benchmark", "metric"])
+    for key in [("truthfulqa_mc", "mc1"), ("truthfulqa_mc", "mc2"), ("truthfulqa_mc_paper", "mc1"),
+                ("hhh", "acc_total"), ("hhh", "acc_mean"), ("hhh", "acc_ab"), ("vicuna_pairwise", "win")]:
+        assert key in overall.index, key
+    assert overall.loc[("truthfulqa_mc", "mc1"), "n"] == 4
+    stage = Run("r", runs).stage("evaluate")
+    items = stage.read("items.jsonl")
+    # The adapter was applied: the same question's log-likelihoods differ between the two models.
+    best = {(i["model"], i["id"].split(":", 1)[1]): i["scores"]["best_logprob"] for i in items
+            if i["benchmark"] == "truthfulqa_mc"}
+    assert any(abs(best[("base", q)] - best[("engraved", q)]) > 1e-4 for (m, q) in best if m == "base")
+    assert "weak judge" in (stage.path / "summary.md").read_text()
+    assert (stage.path / "summary.csv").read_text().startswith("benchmark,metric,base,engraved")
+    calls = stage.read("calls.jsonl")
+    assert sorted(c["id"].split(":")[0] for c in calls) == ["base", "base", "engraved", "engraved"]
+    # The base model must come back without the adapter.
+    assert not any("lora" in name for name, _ in tiny.model.named_parameters())
+
+    # A rerun finds every unit done and rewrites nothing.
+    before = {name: (stage.path / name).read_text() for name in ("items.jsonl", "summary.jsonl", "calls.jsonl")}
+    evaluation.run(config, loaded=tiny)
+    assert {name: (stage.path / name).read_text() for name in before} == before
+    answers = evaluation.vicuna_answers("r", runs, shared_data)
+    assert list(answers.columns[:3]) == ["question", "base", "engraved"] and len(answers) == 2
+    assert set(answers["engraved vs base"]) <= {"win", "tie", "loss"}
