@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                           "be); wins over the profile")
     run.add_argument("--direct", action="store_true",
                      help="call the stage functions without notebooks (no kernel; also runs the baseline stage)")
-    run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
+    run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01 (with --direct: stage "
+                                               "names, e.g. prompts self-align)")
     run.set_defaults(handler=_run)
 
     book = commands.add_parser("book", help="build the Jupyter Book from a run's executed notebooks")
@@ -216,7 +217,12 @@ def _run(args) -> int:
     overrides.setdefault("model", DEFAULT_MODEL)
     overrides.update(run=args.run, runs_dir=args.runs_dir)
     loaded = None
+    unknown = set(args.only or ()) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)} in --only; stages: {', '.join(STAGES)}")
     for name, (config_class, run_stage) in STAGES.items():
+        if args.only and name not in args.only:
+            continue
         stage = Run(args.run, args.runs_dir).stage(name.replace("-", "_"))
         if stage.finished:
             print(f"[{name}] finished earlier, skipped ({stage.path})")

@@ -88,12 +88,13 @@ def score_one_by_one(model, tokenizer, requests, bos_prefix: str = "") -> list[S
 
 
 def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress: bool = True,
-                  bos_prefix: str = "", padding_side: str | None = None, share_prefix: bool = True,
+                  bos_prefix: str = "", padding_side: str = "left", share_prefix: bool = True,
                   share_context: bool = True) -> list[Score]:
     """Score each (context, continuation): log P(continuation | context), summed over its tokens.
 
     batch_size: rows per forward pass (and contexts per context pass). padding_side: "left" or
-    "right" (default: the tokenizer's); it changes the layout, never the numbers. share_prefix: run
+    "right" changes the layout, never the numbers (the tokenizer's own setting is not used); left
+    puts every row's scored tokens at the end, so the fewest logits are computed. share_prefix: run
     the token prefix common to all contexts once. share_context: run each distinct context once and
     score its continuations from its cache. Both are switched off for sliding-window models, whose
     caches drop old tokens; with both off, each pair is one row of a length-sorted batch.
@@ -102,7 +103,7 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
     from tqdm.auto import tqdm
 
     requests = [(str(c), str(x)) for c, x in requests]
-    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    side = padding_side
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     if batch_size < 1:
@@ -175,9 +176,9 @@ def _layout(rows: list[list[int]], side: str) -> tuple[int, list[int]]:
     return width, [width - len(r) if side == "left" else 0 for r in rows]
 
 
-def _forward(model, rows: list[list[int]], past: _Past | None, side: str, keep: int):
+def _forward(model, rows: list[list[int]], past: _Past | None, side: str, keep: int | list[int]):
     """Run token rows (padded on `side`) after `past`; return (logits of the last `keep` positions
-    of the padded block, the past extended by these rows)."""
+    of the padded block, or of the positions listed in `keep`; the past extended by these rows)."""
     import torch
     from transformers import DynamicCache
 
@@ -194,6 +195,8 @@ def _forward(model, rows: list[list[int]], past: _Past | None, side: str, keep: 
     cache = DynamicCache(config=model.config)
     for layer, (k, v) in enumerate(past.layers if past else []):
         cache.update(k, v, layer)
+    if isinstance(keep, list):
+        keep = torch.tensor(keep, device=device)
     output = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                    logits_to_keep=keep, **{_cache_argument(model): cache})
     layers = [(layer.keys, layer.values) for layer in cache.layers]
@@ -207,11 +210,12 @@ def _last_logprobs(model, rows, past, side):
     """Log-probs of the next token after each row (rows x vocabulary) and the extended past."""
     import torch
 
-    width, starts = _layout(rows, side)
+    _, starts = _layout(rows, side)
     lasts = [at + len(r) - 1 for at, r in zip(starts, rows)]
-    first = min(lasts)
-    logits, past = _forward(model, rows, past, side, keep=width - first)
-    picked = logits[torch.arange(len(rows), device=logits.device), torch.tensor(lasts, device=logits.device) - first]
+    needed = sorted(set(lasts))  # one position when left-padded; logits are rows x positions x vocabulary
+    logits, past = _forward(model, rows, past, side, keep=needed)
+    columns = torch.tensor([needed.index(p) for p in lasts], device=logits.device)
+    picked = logits[torch.arange(len(rows), device=logits.device), columns]
     return picked.double().log_softmax(-1), past
 
 
@@ -219,13 +223,14 @@ def _target_logprobs(model, feeds, targets, past, side) -> list[float]:
     """For each row, the summed log-probs of `targets`, predicted by the row's last len(targets) positions."""
     import torch
 
-    width, starts = _layout(feeds, side)
-    firsts = [at + len(f) - len(t) for at, f, t in zip(starts, feeds, targets)]
-    first = min(firsts)
-    logits, _ = _forward(model, feeds, past, side, keep=width - first)
+    _, starts = _layout(feeds, side)
+    spans = [range(at + len(f) - len(t), at + len(f)) for at, f, t in zip(starts, feeds, targets)]
+    needed = sorted(set().union(*spans))
+    column = {p: k for k, p in enumerate(needed)}
+    logits, _ = _forward(model, feeds, past, side, keep=needed)
     values = []
-    for row, (at, target) in enumerate(zip(firsts, targets)):
-        span = logits[row, at - first:at - first + len(target)].double()
+    for row, (span_positions, target) in enumerate(zip(spans, targets)):
+        span = logits[row, torch.tensor([column[p] for p in span_positions], device=logits.device)].double()
         picked = span.gather(-1, torch.tensor(target, device=span.device)[:, None])[:, 0]
         values.append(float((picked - span.logsumexp(-1)).sum()))
     return values

@@ -22,7 +22,9 @@ def test_run_runs_stages_then_skips_finished_ones(tmp_path, capsys):
     prompts.write_text('{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
     argv = ["run", "--direct", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
             "-p", "prompts", str(prompts), "-p", "max_new_tokens", "4", "-p", "types_limit", "2",
-            "-p", "n_self_instruct", "2", "-p", "max_rounds", "1", "-p", "list_max_new_tokens", "16"]
+            "-p", "n_self_instruct", "2", "-p", "max_rounds", "1", "-p", "list_max_new_tokens", "16",
+            # a random model's stage 2 keeps nothing for stages 3-5 to train on or evaluate
+            "--only", "prompts", "self-align", "baseline"]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "r" / "baseline" / "answers.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["a", "b"]  # written in completion order
@@ -34,6 +36,8 @@ def test_run_runs_stages_then_skips_finished_ones(tmp_path, capsys):
     assert "[prompts] finished earlier, skipped" in out and "[baseline] finished earlier, skipped" in out
     assert main(["status", "--run", "r", "--runs-dir", str(tmp_path)]) == 0
     assert "finished" in capsys.readouterr().out
+    assert main([*argv, "engrave", "nonsense"]) == 1
+    assert "unknown stages ['nonsense']" in capsys.readouterr().err
 
 
 def test_bad_prompt_file_is_a_clear_error(tmp_path, capsys):
