@@ -59,11 +59,11 @@ def main() -> None:
     all_pairs = len(mc1_requests(everything, templates))
     rows = [("one pair at a time (loop)", args.subset, len(subset), loop_seconds)]
     worst = 0.0
-    for label, options in [("batched, sorted by length only", dict(share_prefix=False, share_context=False)),
-                           ("+ primer prefix computed once", dict(share_context=False)),
+    for label, options in [("batched, sorted by length only", {"share_prefix": False, "share_context": False}),
+                           ("+ primer prefix computed once", {"share_context": False}),
                            ("+ each question's context once (default)", {})]:
-        scores, seconds = timed(lambda: ev.score_choices(model, tokenizer, subset, batch_size=args.batch_size,
-                                                         progress=False, **options))
+        scores, seconds = timed(lambda options=options: ev.score_choices(
+            model, tokenizer, subset, batch_size=args.batch_size, progress=False, **options))
         worst = max(worst, max(abs(s.logprob - r.logprob) for s, r in zip(scores, looped)))
         rows.append((label, args.subset, len(subset), seconds))
 

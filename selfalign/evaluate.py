@@ -460,16 +460,16 @@ def _truthfulqa_from_hub() -> list[MCQuestion]:
         from datasets import load_dataset
     except ImportError:
         raise ImportError("from_hub=True needs the `datasets` package (and a reachable hub)") from None
-    rows = load_dataset("truthfulqa/truthful_qa", "multiple_choice", split="validation")
+    def pick(targets: dict, label: int) -> tuple[str, ...]:
+        return tuple(c for c, mark in zip(targets["choices"], targets["labels"]) if mark == label)
+
     questions = []
-    for index, row in enumerate(rows):
-        mc1, mc2 = row["mc1_targets"], row["mc2_targets"]
-        best = next(c for c, label in zip(mc1["choices"], mc1["labels"]) if label == 1)
-        pick = lambda targets, want: tuple(c for c, label in zip(targets["choices"], targets["labels"]) if label == want)
-        correct = pick(mc2, 1)
+    for index, row in enumerate(load_dataset("truthfulqa/truthful_qa", "multiple_choice", split="validation")):
+        mc1_targets, mc2_targets = row["mc1_targets"], row["mc2_targets"]
+        best, correct = pick(mc1_targets, 1)[0], pick(mc2_targets, 1)
         questions.append(MCQuestion(f"tqa-{index:03d}", row["question"], best,
-                                    correct if best in correct else (best, *correct), pick(mc2, 0),
-                                    "(hub)", "", mc1_incorrect=pick(mc1, 0)))
+                                    correct if best in correct else (best, *correct), pick(mc2_targets, 0),
+                                    "(hub)", "", mc1_incorrect=pick(mc1_targets, 0)))
     return questions
 
 
