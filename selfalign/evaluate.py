@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from .generate import cache_keyword
 from .prompts import PRINCIPLES_DIR, check_templates, read_yaml
 from .records import SCHEMAS
 
@@ -198,7 +199,7 @@ def _forward(model, rows: list[list[int]], past: _Past | None, side: str, keep: 
     if isinstance(keep, list):
         keep = torch.tensor(keep, device=device)
     output = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=keep, **{_cache_argument(model): cache})
+                   logits_to_keep=keep, **{cache_keyword(model): cache})
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     return output.logits, _Past(layers, full_mask)
 
@@ -251,15 +252,6 @@ def _score(logprob: float, cont: list[int], text: str) -> Score:
 
 def _device(model):
     return model.get_input_embeddings().weight.device
-
-
-def _cache_argument(model) -> str:
-    # transformers 5.x renamed `past_key_values` to `cache`; look at the unwrapped model (peft
-    # passes unknown keywords through).
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _sliding_window(model) -> bool:

@@ -256,8 +256,8 @@ class HFBackend:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if shared_prefix is not None:
             total = input_ids.shape[1] + params.max_new_tokens
-            kwargs[self._cache_argument()] = self._batch_cache(self._cached_prefix(shared_prefix, prefix_ids),
-                                                               len(prompts), total)
+            prefix_cache = self._cached_prefix(shared_prefix, prefix_ids)
+            kwargs[cache_keyword(self.model)] = self._batch_cache(prefix_cache, len(prompts), total)
 
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -273,7 +273,7 @@ class HFBackend:
             cache = DynamicCache(config=self.model.config)
             with torch.inference_mode():
                 self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
-                           use_cache=True, **{self._cache_argument(): cache})
+                           use_cache=True, **{cache_keyword(self.model): cache})
             self._prefix_cache[shared_prefix] = cache
         return self._prefix_cache[shared_prefix]
 
@@ -299,12 +299,6 @@ class HFBackend:
             cache.batch_repeat_interleave(batch)
             return cache
 
-    def _cache_argument(self) -> str:
-        # transformers 5.x renamed `past_key_values` to `cache`; accept the versions on either side.
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         if ids is None:
@@ -325,6 +319,15 @@ class HFBackend:
         if end is not None:
             return Completion(text, "eos", prompt_tokens, end + 1)
         return Completion(text, "length", prompt_tokens, len(ids))
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword for a key/value cache: transformers 5.x renamed `past_key_values` to
+    `cache`. A peft wrapper passes unknown keywords through, so its base model is asked."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _tokens_until(tokenizer, ids: list[int], stop: str) -> int:
