@@ -9,13 +9,20 @@ one table row per backend and batch size, printed as soon as it is done:
   CUDA graph and replayed (no compiler, so seconds of set-up);
 - `manual-compile`: the same step through `torch.compile(mode="reduce-overhead", fullgraph=True)`;
 - `hf-static-compile`: `model.generate(cache_implementation="static")`, which compiles the decode
-  forward itself on CUDA (its default `CompileConfig`, with `dynamic=False`).
+  forward itself on CUDA (its default `CompileConfig`, with `dynamic=False`);
+- `engine-static`: the engine's "hf-static" backend, `selfalign.generate.StaticDecoder`, compiled
+  as it is on CUDA, with the EOS check and output bookkeeping a stage pays for ("hf", the default
+  backend, is `model.generate`: the `hf-dynamic` row).
+
+`--check-engine` first runs the engine on a tiny random float32 model on the card, "hf" against
+"hf-static" (compiled), sampling with stop strings, penalties and a shared prefix, and prints how
+many completions are identical.
 
 The floor of one decode step is the bytes it must read (every weight except the embedding table,
 of which a lookup reads `batch` rows, plus K and V of every sequence at the mean decode context)
 over the bytes per second a read-only kernel reaches (a `sum` over a large tensor); a copy's rate is
-printed too. It imports only the standard library, torch and transformers, downloads nothing, and
-deliberately does not load real weights: speed does not depend on their values.
+printed too. It imports the standard library, torch, transformers and (for the engine rows) `selfalign.generate`,
+downloads nothing, and deliberately does not load real weights: speed does not depend on their values.
 `--tiny` runs a 2-layer model on CPU in seconds (the compile variants are skipped there).
 """
 
@@ -28,6 +35,9 @@ import inspect
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import transformers
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, StaticCache
@@ -36,7 +46,8 @@ LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
                 intermediate_size=11008, vocab_size=32000)
 TINY = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=688, vocab_size=1000)
-VARIANTS = ["hf-dynamic", "manual-eager", "manual-cudagraph", "manual-compile", "hf-static-compile"]
+VARIANTS = ["hf-dynamic", "manual-eager", "manual-cudagraph", "manual-compile", "hf-static-compile", "engine-static"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # selfalign, from a checkout without installing it
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -197,6 +208,61 @@ def run_manual(model, prompts, new_tokens, how, repeats=2):
     return best[2], result
 
 
+def run_engine_static(model, prompts, new_tokens, repeats=2):
+    """The engine's static backend at the token level (no tokenizer): the decoder a stage gets."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+    from transformers.generation.stopping_criteria import EosTokenCriteria
+
+    from selfalign.generate import StaticDecoder
+
+    device, (batch, prompt_len) = prompts.device, prompts.shape
+    mask = torch.ones_like(prompts)
+    decoder = StaticDecoder(model, batch, prompt_len + new_tokens, compile=device.type == "cuda")
+    stopping = StoppingCriteriaList([EosTokenCriteria(2)])  # a stage always checks for EOS
+
+    def decode(steps):
+        return decoder.decode(prompts, mask, LogitsProcessorList(), stopping, steps, 0)
+
+    _, compile_s = timed(lambda: decode(new_tokens), device)  # compiles and records the step
+    best = None
+    for _ in range(repeats):
+        prefill_s = timed(lambda: decode(1), device)[1]
+        out, total_s = timed(lambda: decode(new_tokens), device)
+        if best is None or total_s < best[1] + best[0]:
+            best = (prefill_s, total_s - prefill_s, out, total_s)
+    rows = torch.tensor([r + [0] * (new_tokens - len(r)) for r in best[2]], device=device)
+    return rows, {"prefill_s": best[0], "decode_s": best[1], "compile_s": compile_s - best[3],
+                  "note": "" if decoder.compiled else "eager: no CUDA here"}
+
+
+def check_engine(device) -> dict:
+    """hf vs hf-static (compiled where the card allows) on a tiny random float32 model, through the Engine."""
+    from selfalign.generate import Engine, HFBackend, SamplingParams
+    from selfalign.models import LoadedModel, tiny_random_model
+
+    model, tokenizer = tiny_random_model()
+    loaded = LoadedModel(model.to(device), tokenizer, "tiny-random", None)
+    prompts = ["User: hello there", "User: what is the capital of France? Assistant:", "x",
+               "The quick brown fox jumps over the lazy dog", "I should follow rules 1 and 2"]
+    prefix = "A shared preamble that every prompt starts with, as the principles are.\n"
+    cases = [("greedy", SamplingParams(temperature=0, max_new_tokens=24), prompts, None),
+             ("sampled, stops, penalties", SamplingParams(temperature=0.8, max_new_tokens=24, seed=3, stop=("e", "\n"),
+                                                          repetition_penalty=1.2, no_repeat_ngram_size=3), prompts, None),
+             ("sampled, shared prefix", SamplingParams(temperature=0.7, max_new_tokens=24, seed=5),
+              [prefix + p for p in prompts], prefix)]
+    plain = Engine(HFBackend(loaded), batch_size=3, progress=False, context_length=loaded.context_length)
+    static = Engine(HFBackend(loaded, static=True), batch_size=3, progress=False, context_length=loaded.context_length)
+    result = {}
+    for name, params, texts, shared in cases:
+        a = plain.generate(texts, params, shared_prefix=shared)
+        started = time.perf_counter()
+        b = static.generate(texts, params, shared_prefix=shared)
+        result[name] = {"identical": sum(x == y for x, y in zip(a, b)), "of": len(a),
+                        "seconds": round(time.perf_counter() - started, 2)}
+    result["compiled"] = all(d.compiled for d in static.backend._decoders.values())
+    return result
+
+
 def row_for(variant, tokens, timing, batch, args, floor, reference):
     steps = args.new_tokens - 1
     step_bytes, floor_s = floor(batch)
@@ -231,6 +297,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--bandwidth-gb", type=float, default=None, help="buffer size (default 2, tiny 0.06)")
     parser.add_argument("--compile-on-cpu", action="store_true", help="run the compile variants on CPU too")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every row")
+    parser.add_argument("--check-engine", action="store_true", help="first compare hf and hf-static on a tiny model")
     args = parser.parse_args(argv)
     args.prompt_tokens = args.prompt_tokens or (32 if args.tiny else 256)
     args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
@@ -241,6 +308,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)  # a tiny model is per-op overhead, where a second thread only adds contention
     torch.manual_seed(0)
 
+    engine_check = None
+    if args.check_engine:
+        try:
+            engine_check = check_engine(device)
+        except Exception as error:  # the timing rows are still worth having
+            engine_check = {"error": f"{type(error).__name__}: {error}"}
+        print(f"engine check (tiny random float32 model, hf vs hf-static): {json.dumps(engine_check)}", flush=True)
+        torch._dynamo.reset()
     bw = bandwidth(device, int(1e9 * (args.bandwidth_gb or (0.0625 if args.tiny else 2))))
     model = build_model(TINY if args.tiny else LLAMA_7B, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -254,7 +329,8 @@ def main(argv=None) -> dict:
     report = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(dtype), "config": TINY if args.tiny else LLAMA_7B, "bandwidth": bw,
               "weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": kv_token,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": []}
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "engine_check": engine_check,
+              "rows": []}
     print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, {dtype}; "
           f"read bandwidth (sum) {bw['sum_read_Bps'] / 1e9:.0f} GB/s; copy {bw['copy_read_Bps'] / 1e9:.0f} GB/s "
           f"read ({bw['copy_read_plus_write_Bps'] / 1e9:.0f} GB/s read+write), "
@@ -272,7 +348,7 @@ def main(argv=None) -> dict:
     for variant in args.variants.split(","):
         for batch in batches:
             row = {"variant": variant, "batch": batch}
-            compiles = variant in ("manual-compile", "hf-static-compile")
+            compiles = variant in ("manual-compile", "hf-static-compile")  # engine-static is eager off CUDA
             if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
                 row["note"] = f"skipped: past the {args.time_budget:g} s time budget"
             elif compiles and device.type != "cuda" and not args.compile_on_cpu:
@@ -281,6 +357,8 @@ def main(argv=None) -> dict:
                 try:
                     if variant.startswith("hf-"):
                         tokens, timing = run_hf(model, prompts[batch], args.new_tokens, static=compiles)
+                    elif variant == "engine-static":
+                        tokens, timing = run_engine_static(model, prompts[batch], args.new_tokens)
                     else:
                         how = {"manual-compile": "compile", "manual-cudagraph": "cudagraph",
                                "manual-eager": "eager"}[variant]
@@ -293,7 +371,7 @@ def main(argv=None) -> dict:
                     # step run eagerly, whose kernels they replay.
                     if variant in ("hf-dynamic", "manual-eager"):
                         reference[(variant, batch)] = (tokens, variant)
-                    key = ("manual-eager" if variant.startswith("manual-") and variant != "manual-eager"
+                    key = ("manual-eager" if variant.startswith(("manual-", "engine-")) and variant != "manual-eager"
                            else "hf-dynamic", batch)
                     row = row_for(variant, tokens, timing, batch, args, floor,
                                   reference.get(key) if variant != key[0] else None)

@@ -41,6 +41,7 @@
 run_name: str = "demo"  # results go to runs/<run_name>/prompts/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
+backend: str = "hf"  # "hf"; "hf-static" on a GPU (static cache + torch.compile); "vllm" (pip install 'selfalign[vllm]')
 n_self_instruct: int = 16  # Self-Instruct prompts to keep
 types_limit: int = 0  # use only the first N red-team types (0: all 20)
 topics_per_type: int = 2  # topics brainstormed per type
@@ -50,7 +51,8 @@ seed: int = 0  # sampling seed
 # %%
 from selfalign.stages import red_team
 
-config = red_team.PromptsConfig(run=run_name, runs_dir=runs_dir, model=model, n_self_instruct=n_self_instruct,
+config = red_team.PromptsConfig(run=run_name, runs_dir=runs_dir, model=model, backend=backend,
+                                n_self_instruct=n_self_instruct,
                                 types_limit=types_limit, topics_per_type=topics_per_type,
                                 n_per_topic=n_per_topic, seed=seed)
 manifest = red_team.run(config)

@@ -36,6 +36,7 @@
 run_name: str = "demo"  # reads runs/<run_name>/prompts/, writes runs/<run_name>/self_align/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
+backend: str = "hf"  # "hf", or "hf-static" on a GPU (static cache + torch.compile); vLLM: `selfalign stage self-align`
 prompts_file: str = ""  # "": this run's stage-1 prompts
 limit: int = 24  # answer the first N prompts (0: all)
 max_new_tokens: int = 160  # per answer (the paper used 256)
@@ -47,7 +48,7 @@ seed: int = 0  # sampling seed
 # %%
 import pandas as pd
 
-from selfalign.generate import Engine
+from selfalign.generate import engine_for
 from selfalign.models import load_model
 from selfalign.principles import load_principle_set, render_prompt
 from selfalign.stages import self_align
@@ -64,7 +65,8 @@ print(render_prompt(principles, "What is the weather like in Paris right now?", 
 
 # %%
 loaded = load_model(model)
-config = self_align.SelfAlignConfig(run=run_name, runs_dir=runs_dir, model=model, prompts=prompts_file, limit=limit,
+config = self_align.SelfAlignConfig(run=run_name, runs_dir=runs_dir, model=model, backend=backend,
+                                    prompts=prompts_file, limit=limit,
                                     max_new_tokens=max_new_tokens, assistant=assistant, seed=seed)
 manifest = self_align.run(config, loaded=loaded)
 pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_frame()
@@ -100,7 +102,7 @@ responses[["type", "prompt", "thoughts", "answer", "triggers"]].head(8)
 
 # %%
 queries = responses["prompt"].head(ablation_prompts).tolist()
-engine = Engine.for_model(loaded, batch_size=8)
+engine = engine_for(config, loaded)
 table = self_align.ablate(queries, engine, principles, principles.without(ablate_principle), config)
 print(f"{table['answer_changed'].sum()} of {len(table)} answers changed without principle {ablate_principle}; "
       f"median ROUGE-L overlap {table['answer_overlap'].median():.2f}")

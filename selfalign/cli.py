@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import config as configuration
-from .generate import SamplingParams
+from .generate import HF_BACKENDS, SamplingParams
 from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, converted_dir, load_model, prepare
 from .prompts import PromptFileError
 from .records import Run, RunError
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--backend", choices=HF_BACKENDS, default="hf",
+                     help="hf-static: a static cache, compiled on CUDA (vLLM: through the stages)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
     gen.set_defaults(handler=_generate)
 
@@ -149,7 +151,7 @@ def _generate(args) -> int:
                                                         add_generation_prompt=True) for p in prompts]
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             stop=stops, seed=args.seed)
-    engine = Engine.for_model(loaded, batch_size=args.batch_size, progress=len(prompts) > 1)
+    engine = Engine.for_model(loaded, backend=args.backend, batch_size=args.batch_size, progress=len(prompts) > 1)
     for prompt, completion in zip(args.prompts, engine.generate(prompts, params)):
         if args.json:
             print(json.dumps({"prompt": prompt, **completion.to_dict()}, ensure_ascii=False))

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Protocol, Sequence
 
 FINISH_REASONS = ("stop", "eos", "length")
+HF_BACKENDS = ("hf", "hf-static")
+BACKENDS = HF_BACKENDS + ("vllm",)
 
 
 class PromptTooLongError(ValueError):
@@ -117,9 +119,13 @@ class Engine:
     context_length: int = 2048
 
     @classmethod
-    def for_model(cls, loaded, **options) -> "Engine":
-        """An engine on the Hugging Face backend for a `models.LoadedModel`."""
-        return cls(HFBackend(loaded), context_length=loaded.context_length, **options)
+    def for_model(cls, loaded, backend: str = "hf", **options) -> "Engine":
+        """An engine for a `models.LoadedModel` on a Hugging Face backend: "hf" (`generate`) or
+        "hf-static" (a static-cache decode loop, compiled on CUDA)."""
+        if backend not in HF_BACKENDS:
+            raise ValueError(f"backend {backend!r} runs on a loaded model only as one of {HF_BACKENDS}; "
+                             "use engine_for() for the others")
+        return cls(HFBackend(loaded, static=backend == "hf-static"), context_length=loaded.context_length, **options)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  shared_prefix: str | None = None, keys: Sequence | None = None) -> list[Completion]:
@@ -173,23 +179,53 @@ class Engine:
                 bar.update(len(chunk))
 
 
-class HFBackend:
-    """transformers `generate` on a loaded model, with stop strings and per-prompt seeds.
+def engine_for(config, loaded=None, adapter: str | None = None, **options) -> Engine:
+    """The engine a stage's settings ask for: their `backend`, `model` and `batch_size` (and, for
+    vLLM, `tensor_parallel_size`). `loaded` reuses a loaded Hugging Face model; `adapter` is a LoRA
+    directory, which vLLM applies itself (the Hugging Face backends get an adapted `loaded`)."""
+    backend = getattr(config, "backend", "hf")
+    if backend in HF_BACKENDS:
+        from .models import load_model
 
-    Sampling is done by `_NucleusSampler` inside greedy `generate`: it draws each row's token from
-    that row's own generator and hands generate a one-hot score, which greedy search then picks.
-    Besides per-prompt seeds, this gave 18% more tokens/s at batch 16 on CPU than transformers'
-    top-p warper, which sorts the whole vocabulary of every row at every step (benchmarks/RESULTS.md).
+        return Engine.for_model(loaded or load_model(config.model), backend=backend, batch_size=config.batch_size,
+                                **options)
+    if backend == "vllm":
+        from .models import vllm_model_path
+        from .vllm_backend import VLLMBackend
+
+        path, bos_prefix = vllm_model_path(config.model)
+        vllm = VLLMBackend(path, tensor_parallel_size=getattr(config, "tensor_parallel_size", 1), adapter=adapter,
+                           bos_prefix=bos_prefix)
+        return Engine(vllm, batch_size=config.batch_size, context_length=vllm.context_length, **options)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+class HFBackend:
+    """transformers on a loaded model, with stop strings and per-prompt seeds.
+
+    Sampling is done by `_NucleusSampler` as the last logits processor of greedy decoding: it draws
+    each row's token from that row's own generator and returns a one-hot score, which greedy search
+    then picks. Besides per-prompt seeds, this gave 18% more tokens/s at batch 16 on CPU than
+    transformers' top-p warper, which sorts the whole vocabulary of every row at every step
+    (benchmarks/RESULTS.md).
+
+    `static=False` decodes with `model.generate`. `static=True` runs `StaticDecoder`, a loop over a
+    preallocated cache whose decode step has fixed shapes, so on CUDA it is compiled once and
+    replayed as a CUDA graph; its tokens are the same as generate's (tested on CPU), since it
+    applies transformers' own logits processors and stopping criteria in generate's order.
+    `compile=None` compiles on CUDA only.
     """
 
-    name = "hf"
-
-    def __init__(self, loaded):
+    def __init__(self, loaded, static: bool = False, compile: bool | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.static = static
+        self.compile = compile
+        self.name = "hf-static" if static else "hf"
         self._prefix_cache: dict[str, object] = {}  # shared prefix -> its key/value cache
         self._prefix_tokens: tuple[str, list[int]] = ("", [])  # the last shared prefix and its ids
+        self._decoders: dict[tuple[int, int], StaticDecoder] = {}
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
@@ -238,6 +274,12 @@ class HFBackend:
             masks = [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded]
         input_ids = torch.tensor(rows, device=device)
         attention_mask = torch.tensor(masks, device=device)
+        if self.static:
+            prefix_cache = self._cached_prefix(shared_prefix, prefix_ids) if shared_prefix is not None else None
+            new_tokens = self._static_decoder(len(prompts), input_ids.shape[1] + params.max_new_tokens).decode(
+                input_ids, attention_mask, self._processors(params, seeds, attention_mask),
+                self._stopping(params), params.max_new_tokens, pad_id, prefix_cache)
+            return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
 
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
@@ -263,6 +305,52 @@ class HFBackend:
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
+
+    def _processors(self, params: SamplingParams, seeds, attention_mask):
+        """What generate would build from the kwargs above, in its order: penalties, then the sampler."""
+        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        processors = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            # transformers 5.24's generate leaves each row's left padding out of the penalty, passing
+            # its length per row; versions whose processor refuses a tensor there (5.17) pass nothing.
+            try:
+                penalty = RepetitionPenaltyLogitsProcessor(
+                    params.repetition_penalty, prompt_ignore_length=(attention_mask != 0).int().argmax(dim=1))
+            except (TypeError, ValueError):
+                penalty = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+            processors.append(penalty)
+        if params.no_repeat_ngram_size > 0:
+            processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+        if params.temperature > 0:
+            processors.append(_NucleusSampler(params.temperature, params.top_p, seeds, attention_mask.device))
+        return processors
+
+    def _stopping(self, params: SamplingParams):
+        from transformers import StoppingCriteriaList
+        from transformers.generation.stopping_criteria import EosTokenCriteria, StopStringCriteria
+
+        criteria = StoppingCriteriaList([EosTokenCriteria(self._eos_ids())])
+        if params.stop:
+            criteria.append(StopStringCriteria(self.tokenizer, list(params.stop)))
+        return criteria
+
+    def _static_decoder(self, batch: int, total: int) -> "StaticDecoder":
+        """A decoder for this batch size whose cache holds `total` tokens, reused across batches.
+
+        The cache length is rounded up, so that batches of slightly different widths share one
+        compiled step; two decoders are kept (a full batch and the last, smaller one).
+        """
+        length = max(total, min(-(-total // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING, self.loaded.context_length))
+        key = (batch, length)
+        if key not in self._decoders:
+            while len(self._decoders) >= 2:
+                self._decoders.pop(next(iter(self._decoders)))
+            compile = self.compile if self.compile is not None else self.model.device.type == "cuda"
+            self._decoders[key] = StaticDecoder(self.model, batch, length, compile=compile)
+        else:
+            self._decoders[key] = self._decoders.pop(key)  # most recently used last
+        return self._decoders[key]
 
     def _cached_prefix(self, shared_prefix: str, prefix_ids: list[int]):
         import torch
@@ -319,6 +407,114 @@ class HFBackend:
         if end is not None:
             return Completion(text, "eos", prompt_tokens, end + 1)
         return Completion(text, "length", prompt_tokens, len(ids))
+
+
+STATIC_CACHE_ROUNDING = 128  # tokens; cache lengths are rounded up to a multiple, to reuse compiled steps
+
+
+class StaticDecoder:
+    """Greedy-or-sampled decoding over a preallocated `StaticCache`, one fixed-shape step at a time.
+
+    Every decode step reads the same buffers (last tokens, their positions, the cache position, a
+    full-length attention mask and the cache), so it can be compiled once with CUDA graphs
+    (`torch.compile(mode="reduce-overhead")`): on an H200 the same scheme reached 70% of the
+    memory floor at batch 64 where `generate` reached 10% (benchmarks/RESULTS.md). Token choice,
+    penalties and stopping stay outside the graph, in transformers' own classes, so they match
+    `generate` exactly. The prefill (variable width) runs eagerly.
+    """
+
+    check_every = 8  # steps between checks whether every row has stopped
+
+    def __init__(self, model, batch: int, cache_len: int, compile: bool = False):
+        import inspect
+
+        import torch
+        from transformers import StaticCache
+
+        self.model, self.batch, self.cache_len = model, batch, cache_len
+        device = model.device
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        # The whole length at once: columns not yet written are masked causally by position, and
+        # a fixed shape is what lets the step be captured.
+        self.mask = torch.zeros(batch, cache_len, dtype=torch.long, device=device)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Later transformers track the write position inside the cache; earlier ones need it passed.
+        self._wants_cache_position = "cache_position" in inspect.signature(base.forward).parameters
+        self._cache_kw = cache_keyword(model)
+        self.compiled = compile
+        self._step = self._forward_step
+        if compile:
+            for buffer in (self.tokens, self.positions, self.cache_position, self.mask):
+                torch._dynamo.mark_static_address(buffer)  # written in place between replays
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self._step = torch.compile(self._forward_step, mode=mode, fullgraph=True)
+
+    def _forward(self, input_ids, position_ids, cache_position):
+        extra = {"cache_position": cache_position} if self._wants_cache_position else {}
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=self.mask, use_cache=True,
+                          logits_to_keep=1, **{self._cache_kw: self.cache}, **extra).logits[:, -1].float()
+
+    def _forward_step(self):
+        return self._forward(self.tokens, self.positions, self.cache_position)
+
+    def _fill_prefix(self, prefix_cache):
+        import torch
+
+        for index, layer in enumerate(prefix_cache.layers):
+            length = layer.keys.shape[-2]
+            self.cache.update(layer.keys.expand(self.batch, -1, -1, -1), layer.values.expand(self.batch, -1, -1, -1),
+                              index, {"cache_position": torch.arange(length, device=layer.keys.device)})
+        return length
+
+    def decode(self, input_ids, attention_mask, processors, stopping, max_new_tokens: int, pad_id: int,
+               prefix_cache=None) -> list[list[int]]:
+        """New token ids per row, as `generate` returns them (rows that stopped are padded)."""
+        import torch
+
+        batch, width = input_ids.shape
+        if batch != self.batch or width + max_new_tokens > self.cache_len:
+            raise ValueError(f"a batch of {batch}x{width}+{max_new_tokens} does not fit this decoder's "
+                             f"{self.batch}x{self.cache_len}")
+        with torch.inference_mode():
+            self.cache.reset()
+            self.mask.zero_()
+            self.mask[:, :width] = attention_mask
+            self.mask[:, width:width + max_new_tokens] = 1
+            # Positions count real tokens only, as generate derives them from the mask.
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            start = self._fill_prefix(prefix_cache) if prefix_cache is not None else 0
+            logits = self._forward(input_ids[:, start:], positions[:, start:],
+                                   torch.arange(start, width, device=input_ids.device))
+            self.positions.copy_(positions[:, -1:] + 1)
+            self.cache_position.fill_(width)
+
+            sequences = torch.full((batch, width + max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+            sequences[:, :width] = input_ids
+            unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+            # Steps taken while some row was unfinished: generate's output length. Counted on the
+            # device, so that asking whether all rows are done (a sync) happens every few steps only.
+            steps = torch.zeros((), dtype=torch.long, device=input_ids.device)
+            for step in range(max_new_tokens):
+                if step:
+                    if self.compiled:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    logits = self._step().clone()  # a graph's output is overwritten by its next replay
+                scores = processors(sequences[:, :width + step], logits)
+                steps += unfinished.any()
+                chosen = torch.where(unfinished, scores.argmax(-1), pad_id)
+                sequences[:, width + step] = chosen
+                unfinished &= ~stopping(sequences[:, :width + step + 1], scores)
+                if step + 1 == max_new_tokens or (step % self.check_every == 0 and not bool(unfinished.any())):
+                    break
+                self.tokens.copy_(chosen[:, None])
+                if step:
+                    self.positions.add_(1)
+                    self.cache_position.add_(1)
+        steps = int(steps)
+        return sequences[:, width:width + steps].tolist()
 
 
 def cache_keyword(model) -> str:

@@ -234,6 +234,24 @@ def load_model(
         ) from error
 
 
+def vllm_model_path(name_or_path: str) -> tuple[str, str]:
+    """What vLLM loads for a model name: (a directory or hub id, the text to put before prompts)."""
+    if name_or_path == TINY_RANDOM:
+        raise ModelError("tiny-random lives in memory only; vLLM needs a model directory")
+    if name_or_path in KNOWN_MODELS:
+        spec = KNOWN_MODELS[name_or_path]
+        path = prepare(name_or_path)
+        bos = ""
+        if spec.requires_bos:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+                bos = tokenizer.bos_token
+        return str(path), bos
+    return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path, ""
+
+
 def _torch_dtype(dtype: str):
     import torch
 

@@ -46,6 +46,9 @@ def test_tiny_run_prints_rows_and_writes_json(bench, tmp_path, capsys):
         assert rows[("manual-eager", batch)]["same_tokens"] == 1.0
         assert rows[("manual-eager", batch)]["reference"] == "hf-dynamic"
         assert rows[("manual-cudagraph", batch)]["same_tokens"] == 1.0
+        # The engine's static backend (eager here) too, against the same reference loop.
+        assert rows[("engine-static", batch)]["same_tokens"] == 1.0
+        assert rows[("engine-static", batch)]["reference"] == "manual-eager"
         assert rows[("hf-static-compile", batch)]["note"].startswith("skipped")
     weights, kv = report["weight_bytes_read_per_step"], report["kv_bytes_per_token"]
     floor_s = (weights + kv * 3 * (12 + 6 / 2)) / report["bandwidth"]["sum_read_Bps"]
@@ -58,3 +61,10 @@ def test_tiny_run_prints_rows_and_writes_json(bench, tmp_path, capsys):
 def test_time_budget_skips_the_rest(bench):
     report = bench.main(["--tiny", "--batches", "1", "--new-tokens", "3", "--time-budget", "0"])
     assert all(r["note"].startswith("skipped: past") for r in report["rows"])
+
+
+def test_engine_check_finds_the_backends_identical_on_cpu(bench):
+    result = bench.check_engine(bench.torch.device("cpu"))
+    for name in ("greedy", "sampled, stops, penalties", "sampled, shared prefix"):
+        assert result[name]["identical"] == result[name]["of"] == 5, result
+    assert result["compiled"] is False  # compiled only on CUDA

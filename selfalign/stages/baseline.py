@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..generate import Engine, SamplingParams
-from ..models import DEFAULT_MODEL, load_model
+from ..generate import SamplingParams, engine_for
+from ..models import DEFAULT_MODEL
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
 from .common import generate_into, generation_record, settings_of
@@ -36,6 +36,8 @@ class BaselineConfig:
     max_new_tokens: int = 64
     seed: int = 0
     batch_size: int = 8
+    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
+    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     restart: bool = False  # discard this stage's earlier results instead of resuming
 
 
@@ -51,8 +53,7 @@ def run(config: BaselineConfig, loaded=None) -> dict:
         prompts = prompts[: config.limit]
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                             max_new_tokens=config.max_new_tokens, stop=config.stop, seed=config.seed)
-    loaded = loaded or load_model(config.model)
-    engine = Engine.for_model(loaded, batch_size=config.batch_size)
+    engine = engine_for(config, loaded)
     source = {row["id"]: row for row in prompts}
     origin = provenance(config.model, params.to_dict(), config.seed)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..dedup import rouge_l_filter
-from ..generate import Engine, SamplingParams
-from ..models import DEFAULT_MODEL, load_model
+from ..generate import Engine, SamplingParams, engine_for
+from ..models import DEFAULT_MODEL
 from ..prompts import PRINCIPLES_DIR, PromptFileError, check_templates, load_prompts, read_yaml
 from ..records import Run, provenance
 from .common import drop_reasons, generate_into, generation_record, settings_of, stage_frames
@@ -66,6 +66,8 @@ class PromptsConfig:
     question_top_p: float = 0.95
     seed: int = 0
     batch_size: int = 8
+    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
+    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     restart: bool = False  # discard this stage's earlier results instead of resuming
 
 
@@ -154,7 +156,7 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
     types = load_red_team_types(config.types)[: config.types_limit or None]
     templates = load_templates(config.templates)
     if engine is None:
-        engine = Engine.for_model(loaded or load_model(config.model), batch_size=config.batch_size)
+        engine = engine_for(config, loaded)
 
     with stage.writer("calls.jsonl", "generation/1") as calls, \
             stage.writer("prompts.jsonl", "prompt/1") as prompts, \

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dedup import rouge_l_fmeasure
-from ..generate import Engine, SamplingParams
-from ..models import DEFAULT_MODEL, load_model
+from ..generate import Engine, SamplingParams, engine_for
+from ..models import DEFAULT_MODEL
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
@@ -49,6 +49,8 @@ class SelfAlignConfig:
     drop_unknown_citations: bool = False
     seed: int = 0
     batch_size: int = 8
+    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
+    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     restart: bool = False  # discard this stage's earlier results instead of resuming
 
 
@@ -99,7 +101,7 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
     prompts = load_prompts(prompts_file)[: config.limit or None]
     params = sampling(config)
     if engine is None:
-        engine = Engine.for_model(loaded or load_model(config.model), batch_size=config.batch_size)
+        engine = engine_for(config, loaded)
     source = {row["id"]: row for row in prompts}
     origin = provenance(config.model, params.to_dict(), config.seed, principle_set.hash)
 

@@ -22,7 +22,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from ..generate import Engine, SamplingParams
+from ..generate import SamplingParams, engine_for
 from ..models import DEFAULT_MODEL
 from ..prompts import PRINCIPLES_DIR
 from ..records import Run, RunError, provenance
@@ -47,6 +47,8 @@ class VerboseConfig(TrainSettings):
     repetition_penalty: float = 1.1
     no_repeat_ngram_size: int = 6
     batch_size: int = 8
+    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
+    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     cutoff: int = 768  # the paper's student cutoff
     min_examples: int = 4
     train: bool = True  # False: only generate the teacher's answers (e.g. in one process, before
@@ -90,12 +92,14 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     if pending and state.num_processes > 1:
         raise RunError(f"{len(pending)} teacher answers are still to be generated; generate them in one process "
                        f"first (selfalign stage verbose --no-train), then train under accelerate launch")
-    loaded = loaded or load_for_training(config.model, train_settings(config))
+    if config.backend != "vllm":  # vLLM loads the model itself; the one for training can wait
+        loaded = loaded or load_for_training(config.model, train_settings(config))
     if state.is_main_process:
         _teach(stage, loaded, prompts, chat, instruction, params, origin, config, run_dir)
     state.wait_for_everyone()
     if not config.train:
         return stage.manifest()
+    loaded = loaded or load_for_training(config.model, train_settings(config))
 
     answers = stage.read("answers.jsonl")
     counts = fit_and_compare(stage, loaded, answers, chat, config, holdout & {a["id"] for a in answers},
@@ -116,12 +120,16 @@ def _teach(stage, loaded, prompts, chat, instruction, params, origin, config, ru
     with stage.writer("calls.jsonl", "generation/1") as calls, stage.writer("answers.jsonl", "answer/1") as answers:
         todo = [row for row in prompts if row["id"] not in calls]
         if todo:
-            with adapted_for_generation(loaded, run_dir.stage("engrave").path / "adapter") as teacher:
-                def record(key, text, completion):
-                    return generation_record(key, text, completion, origin)
+            def record(key, text, completion):
+                return generation_record(key, text, completion, origin)
 
-                items = [(row["id"], chat.prompt(row["prompt"], instruction=instruction)) for row in todo]
-                generate_into(calls, items, Engine.for_model(teacher, batch_size=config.batch_size), params, record)
+            items = [(row["id"], chat.prompt(row["prompt"], instruction=instruction)) for row in todo]
+            adapter = run_dir.stage("engrave").path / "adapter"
+            if config.backend == "vllm":
+                generate_into(calls, items, engine_for(config, adapter=str(adapter)), params, record)
+            else:
+                with adapted_for_generation(loaded, adapter) as teacher:
+                    generate_into(calls, items, engine_for(config, teacher), params, record)
         for call in stage.read("calls.jsonl"):
             if call["id"] in answers or call["id"] not in source:
                 continue
