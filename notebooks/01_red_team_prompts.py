@@ -42,9 +42,9 @@ run_name: str = "demo"  # results go to runs/<run_name>/prompts/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf"; "hf-static" on a GPU (static cache + torch.compile); "vllm" (pip install 'selfalign[vllm]')
-n_self_instruct: int = 16  # Self-Instruct prompts to keep
+n_self_instruct: int = 8  # Self-Instruct prompts to keep
 types_limit: int = 0  # use only the first N red-team types (0: all 20)
-topics_per_type: int = 2  # topics brainstormed per type
+topics_per_type: int = 1  # topics brainstormed per type
 n_per_topic: int = 1  # questions written per (type, topic)
 seed: int = 0  # sampling seed
 

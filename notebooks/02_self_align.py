@@ -38,11 +38,11 @@ runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf", or "hf-static" on a GPU (static cache + torch.compile); vLLM: `selfalign stage self-align`
 prompts_file: str = ""  # "": this run's stage-1 prompts
-limit: int = 24  # answer the first N prompts (0: all)
+limit: int = 16  # answer the first N prompts (0: all)
 max_new_tokens: int = 160  # per answer (the paper used 256)
 assistant: str = "Watson"  # the name the model answers under
 ablate_principle: int = 7  # the principle removed in the ablation at the end
-ablation_prompts: int = 8  # how many prompts the ablation answers twice
+ablation_prompts: int = 4  # how many prompts the ablation answers twice
 seed: int = 0  # sampling seed
 
 # %%

@@ -43,8 +43,8 @@ learning_rate: float = 4e-4  # the paper's
 micro_batch_size: int = 4  # examples per forward pass
 cutoff: int = 512  # longest training example in tokens (the paper's)
 holdout: float = 0.2  # share of answers kept out of training to measure the effect
-sample_prompts: int = 3  # held-out prompts answered by both models at the end
-sample_max_new_tokens: int = 96  # per answer in that comparison
+sample_prompts: int = 2  # held-out prompts answered by both models at the end
+sample_max_new_tokens: int = 64  # per answer in that comparison
 seed: int = 0  # LoRA initialisation, batch order and held-out split
 
 # %%

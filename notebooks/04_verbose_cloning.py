@@ -36,14 +36,14 @@
 run_name: str = "demo"  # reads runs/<run_name>/engrave/, writes runs/<run_name>/verbose/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model stages 2 and 3 used
-teacher_max_new_tokens: int = 192  # per teacher answer (the paper: 512)
+teacher_max_new_tokens: int = 128  # per teacher answer (the paper: 512)
 teacher_prompts: int = 0  # answer the first N of stage 3's prompts (0: all)
-epochs: int = 3  # student training passes (the paper: 1)
+epochs: int = 2  # student training passes (the paper: 1)
 learning_rate: float = 4e-4  # the paper's
 micro_batch_size: int = 4  # examples per forward pass
 student_cutoff: int = 768  # longest student example in tokens (the paper's)
-sample_prompts: int = 3  # held-out prompts answered by every model at the end
-sample_max_new_tokens: int = 128  # per answer in that comparison
+sample_prompts: int = 2  # held-out prompts answered by every model at the end
+sample_max_new_tokens: int = 64  # per answer in that comparison
 seed: int = 0  # sampling, LoRA initialisation and batch order
 
 # %%

@@ -41,9 +41,9 @@ run_name: str = "demo"  # reads runs/<run_name>/engrave/ and verbose/, writes ru
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model of the run
 data_dir: str = "../shared/data"  # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl
-eval_limit: int = 20  # items sampled from TruthfulQA and HHH (0: all 817 and 221)
-vicuna_questions: int = 4  # Vicuna questions each model answers (0: all 80)
-eval_max_new_tokens: int = 96  # per Vicuna answer
+eval_limit: int = 10  # items sampled from TruthfulQA and HHH (0: all 817 and 221)
+vicuna_questions: int = 2  # Vicuna questions each model answers (0: all 80)
+eval_max_new_tokens: int = 64  # per Vicuna answer
 judge: str = ""  # the Vicuna judge model; "": the base model
 seed: int = 0  # which items are sampled
 

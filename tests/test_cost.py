@@ -107,3 +107,20 @@ def test_tables_for_the_book():
     fixed = cost.cost_table(throughput=cost.Throughput(prefill=3000, decode=300))
     align = fixed.set_index("stage").loc["self_align"]
     assert align["gpu_hours"] == pytest.approx((align["prefill_tokens"] / 3000 + align["decode_tokens"] / 300) / 3600)
+
+
+def test_model_shape_by_name_or_config_file(tmp_path):
+    import json
+
+    assert cost.model_shape("llama-65b") == cost.LLAMA_65B
+    (tmp_path / "config.json").write_text(json.dumps({**cost.LLAMA_7B, "model_type": "llama"}))
+    assert cost.param_count(cost.model_shape(str(tmp_path))) == cost.param_count(cost.LLAMA_7B)
+    with pytest.raises(ValueError, match="neither"):
+        cost.model_shape(str(tmp_path / "absent"))
+
+
+def test_stage_costs_scale_with_the_prompt_count():
+    full, tenth = cost.cost_table(cost.paper_stages()), cost.cost_table(cost.paper_stages(cost.PAPER_PROMPTS // 10))
+    # Every token count is proportional to the prompts, except the shared prefixes computed once.
+    assert tenth["decode_tokens"].iloc[-1] * 10 == pytest.approx(full["decode_tokens"].iloc[-1], rel=1e-4)
+    assert tenth["train_tokens"].iloc[-1] * 10 == pytest.approx(full["train_tokens"].iloc[-1], rel=1e-4)
