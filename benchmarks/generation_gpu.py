@@ -10,7 +10,8 @@ one table row per backend and batch size, printed as soon as it is done:
 - `manual-compile`: the same step through `torch.compile(mode="reduce-overhead", fullgraph=True)`;
 - `hf-static-compile`: `model.generate(cache_implementation="static")`, which compiles the decode
   forward itself on CUDA (its default `CompileConfig`, with `dynamic=False`);
-- `engine-static`: the engine's "hf-static" backend, `selfalign.generate.StaticDecoder`, compiled
+- `engine-static` (greedy) and `engine-static-sampled` (temperature 0.7, top-p 0.95, the engine's
+  per-row seeded sampler): the engine's "hf-static" backend, `selfalign.generate.StaticDecoder`, compiled
   as it is on CUDA, with the EOS check and output bookkeeping a stage pays for ("hf", the default
   backend, is `model.generate`: the `hf-dynamic` row).
 
@@ -46,7 +47,8 @@ LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
                 intermediate_size=11008, vocab_size=32000)
 TINY = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=688, vocab_size=1000)
-VARIANTS = ["hf-dynamic", "manual-eager", "manual-cudagraph", "manual-compile", "hf-static-compile", "engine-static"]
+VARIANTS = ["hf-dynamic", "manual-eager", "manual-cudagraph", "manual-compile", "hf-static-compile", "engine-static",
+            "engine-static-sampled"]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # selfalign, from a checkout without installing it
 
 
@@ -208,12 +210,12 @@ def run_manual(model, prompts, new_tokens, how, repeats=2):
     return best[2], result
 
 
-def run_engine_static(model, prompts, new_tokens, repeats=2):
+def run_engine_static(model, prompts, new_tokens, repeats=2, sample=False):
     """The engine's static backend at the token level (no tokenizer): the decoder a stage gets."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
     from transformers.generation.stopping_criteria import EosTokenCriteria
 
-    from selfalign.generate import StaticDecoder
+    from selfalign.generate import StaticDecoder, _NucleusSampler
 
     device, (batch, prompt_len) = prompts.device, prompts.shape
     mask = torch.ones_like(prompts)
@@ -221,7 +223,8 @@ def run_engine_static(model, prompts, new_tokens, repeats=2):
     stopping = StoppingCriteriaList([EosTokenCriteria(2)])  # a stage always checks for EOS
 
     def decode(steps):
-        return decoder.decode(prompts, mask, LogitsProcessorList(), stopping, steps, 0)
+        processors = LogitsProcessorList([_NucleusSampler(0.7, 0.95, range(batch), device)] if sample else [])
+        return decoder.decode(prompts, mask, processors, stopping, steps, 0)
 
     _, compile_s = timed(lambda: decode(new_tokens), device)  # compiles and records the step
     best = None
@@ -357,8 +360,9 @@ def main(argv=None) -> dict:
                 try:
                     if variant.startswith("hf-"):
                         tokens, timing = run_hf(model, prompts[batch], args.new_tokens, static=compiles)
-                    elif variant == "engine-static":
-                        tokens, timing = run_engine_static(model, prompts[batch], args.new_tokens)
+                    elif variant.startswith("engine-static"):
+                        tokens, timing = run_engine_static(model, prompts[batch], args.new_tokens,
+                                                           sample=variant.endswith("sampled"))
                     else:
                         how = {"manual-compile": "compile", "manual-cudagraph": "cudagraph",
                                "manual-eager": "eager"}[variant]

@@ -223,7 +223,7 @@ def test_static_decoder_returns_what_generate_returns(tiny):
 
     backend = HFBackend(tiny, static=True)
     params = SamplingParams(temperature=0.8, max_new_tokens=16, seed=2, repetition_penalty=1.3,
-                            no_repeat_ngram_size=2, stop=("e", "a", "o", "t"))
+                            no_repeat_ngram_size=2, stop=("e", "a", "o", "t", " "))
     rows = [tiny.tokenizer(p)["input_ids"] for p in PROMPTS]
     width, pad = max(map(len, rows)), tiny.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -235,7 +235,7 @@ def test_static_decoder_returns_what_generate_returns(tiny):
         input_ids=input_ids, attention_mask=mask, max_new_tokens=16, pad_token_id=pad, do_sample=False,
         temperature=None, top_p=None, top_k=None, eos_token_id=backend._eos_ids(), repetition_penalty=1.3,
         no_repeat_ngram_size=2, logits_processor=backend._processors(params, seeds, mask)[-1:],
-        stop_strings=["e", "a", "o", "t"], tokenizer=tiny.tokenizer)
+        stop_strings=["e", "a", "o", "t", " "], tokenizer=tiny.tokenizer)
     assert static == reference[:, width:].tolist()
     assert len(static[0]) < 16  # every row stopped early, and the output ends where generate's does
 
