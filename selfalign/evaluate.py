@@ -90,7 +90,7 @@ def score_one_by_one(model, tokenizer, requests, bos_prefix: str = "") -> list[S
 
 def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress: bool = True,
                   bos_prefix: str = "", padding_side: str = "left", share_prefix: bool = True,
-                  share_context: bool = True) -> list[Score]:
+                  share_context: bool = True, max_batch_tokens: int | None = None) -> list[Score]:
     """Score each (context, continuation): log P(continuation | context), summed over its tokens.
 
     batch_size: rows per forward pass (and contexts per context pass). padding_side: "left" or
@@ -99,6 +99,9 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
     the token prefix common to all contexts once. share_context: run each distinct context once and
     score its continuations from its cache. Both are switched off for sliding-window models, whose
     caches drop old tokens; with both off, each pair is one row of a length-sorted batch.
+    max_batch_tokens: also cap rows x padded width per pass. Benchmarks mix 50-token and
+    2,000-token items, and padding costs as much as a token: on a CPU, HHH over the embedded model
+    ran 3x faster with long items alone and short ones together than in batches of 16.
     """
     import torch
     from tqdm.auto import tqdm
@@ -109,6 +112,8 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
     encoded = encode_requests(tokenizer, requests, bos_prefix)
     if _sliding_window(model):
         share_prefix = share_context = False
@@ -124,7 +129,9 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
     logprobs = [0.0] * len(requests)
     with torch.inference_mode(), tqdm(total=len(requests), disable=not progress, desc="scoring", unit="choice") as bar:
         prefix_past = _forward(model, [prefix], None, side, keep=1)[1] if prefix else None
-        for group in (contexts[k:k + batch_size] for k in range(0, len(contexts), batch_size)):
+        context_width = (lambda members: len(encoded[members[0]][0]) - len(prefix) + (
+            0 if share_context else len(encoded[members[0]][1])))
+        for group in _batches(contexts, context_width, batch_size, max_batch_tokens):
             heads = [encoded[members[0]][0] for members in group]
             past = prefix_past.expand(len(group)) if prefix_past else None
             # A row: (context in group, request, tokens to feed, the tokens its last positions predict).
@@ -143,14 +150,27 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
                         for g, m in enumerate(group)]
             # Similar lengths share a pass: padding costs as much as a token.
             rows = sorted((r for r in rows if r[3]), key=lambda r: -len(r[2]))
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+            for chunk in _batches(rows, lambda r: len(r[2]), batch_size, max_batch_tokens):
                 sub = past.select([r[0] for r in chunk]) if past else None
                 values = _target_logprobs(model, [r[2] for r in chunk], [r[3] for r in chunk], sub, side)
                 for row, value in zip(chunk, values):
                     logprobs[row[1]] += value
             bar.update(sum(len(members) for members in group))
     return [_score(lp, cont, x) for lp, (_, cont), (_, x) in zip(logprobs, encoded, requests)]
+
+
+def _batches(items: list, width, batch_size: int, max_tokens: int | None):
+    """Consecutive runs of `items` (sorted widest first) of at most batch_size items and, when
+    max_tokens is set, at most max_tokens padded tokens (an item wider than that goes alone)."""
+    batch: list = []
+    for item in items:
+        if batch and (len(batch) == batch_size or
+                      (max_tokens is not None and (len(batch) + 1) * width(batch[0]) > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
 
 
 @dataclass

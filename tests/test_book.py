@@ -49,6 +49,9 @@ def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     assert "Knowledge Recitation" in (html / "book" / "principles.html").read_text()
     assert "Did the principles move into the weights?" in (html / "notebooks" / "03_principle_engraving.html").read_text()
     assert (tmp_path / "runs" / "b" / "verbose" / "adapter" / "adapter_config.json").exists()
+    assert "The principle editor" in (html / "notebooks" / "06_explore_principles.html").read_text()
+    scale = (html / "notebooks" / "07_scale.html").read_text()
+    assert "GPU-hours" in scale and "4-bit QLoRA (nf4), one GPU" in scale and "<img" in scale
 
 
 def test_book_needs_a_finished_run(tmp_path, capsys):

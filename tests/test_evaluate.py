@@ -64,6 +64,22 @@ def test_batched_scores_match_one_at_a_time_for_any_batch_size_and_padding_side(
     assert got[2] == Score(0.0, 0, 0, 0)  # an empty continuation
 
 
+@pytest.mark.parametrize("max_batch_tokens", [1, 12, 40])
+@pytest.mark.parametrize("share_context", [True, False])
+def test_a_token_budget_per_pass_changes_nothing(tiny, reference, max_batch_tokens, share_context):
+    got = ev.score_choices(tiny.model, tiny.tokenizer, REQUESTS, batch_size=8, progress=False,
+                           max_batch_tokens=max_batch_tokens, share_context=share_context)
+    assert max(abs(g.logprob - r.logprob) for g, r in zip(got, reference)) < 1e-5
+
+
+def test_batches_respect_the_count_and_the_token_budget():
+    widths = [9, 7, 5, 5, 3, 2, 2, 1]  # sorted widest first, as the scorer sorts them
+    assert list(ev._batches(widths, lambda w: w, 3, None)) == [[9, 7, 5], [5, 3, 2], [2, 1]]
+    # 10 padded tokens: 9 alone (2 x 9 > 10), 7 alone, then 5 + 5, then 3 + 2 + 2 (3 rows x 3 wide)
+    assert list(ev._batches(widths, lambda w: w, 8, 10)) == [[9], [7], [5, 5], [3, 2, 2], [1]]
+    assert list(ev._batches([20, 1], lambda w: w, 8, 10)) == [[20], [1]]
+
+
 @pytest.mark.parametrize("share_prefix,share_context", [(False, False), (True, False), (False, True)])
 def test_cache_sharing_changes_nothing(tiny, reference, share_prefix, share_context):
     got = ev.score_choices(tiny.model, tiny.tokenizer, REQUESTS, batch_size=4, progress=False,

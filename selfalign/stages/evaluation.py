@@ -50,6 +50,7 @@ class EvaluateConfig:
     judge: str = ""  # the Vicuna judge: a model name or directory; "": the base model
     max_new_tokens: int = 128  # per Vicuna answer
     batch_size: int = 16
+    max_batch_tokens: int = 2048  # rows x padded width per scoring pass: long items go alone
     seed: int = 0
     restart: bool = False
 
@@ -89,7 +90,8 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
         answers: dict[str, list[str]] = {}
         for label, adapter in models.items():
             with adapted_for_generation(loaded, adapter) if adapter else nullcontext(loaded) as model:
-                scorer = ev.ModelScorer(model, batch_size=config.batch_size)
+                scorer = ev.ModelScorer(model, batch_size=config.batch_size,
+                                        options={"max_batch_tokens": config.max_batch_tokens})
                 for benchmark in ("truthfulqa", "truthfulqa_paper", "hhh"):
                     if benchmark.split("_")[0] not in config.benchmarks or f"{label}:{benchmark}" in done:
                         continue
