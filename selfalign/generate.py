@@ -372,15 +372,11 @@ class HFBackend:
         (a third of the time in a CPU profile of stage 2); a static cache is written in place.
         Falls back to a copied dynamic cache where this transformers version lacks the API.
         """
-        import torch
         from transformers import StaticCache
 
         try:
             cache = StaticCache(config=self.model.config, max_cache_len=total)
-            for index, layer in enumerate(prefix_cache.layers):
-                length = layer.keys.shape[-2]
-                cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index,
-                             {"cache_position": torch.arange(length, device=layer.keys.device)})
+            copy_prefix(prefix_cache, cache, batch)
             return cache
         except (AttributeError, TypeError):
             cache = copy.deepcopy(prefix_cache)
@@ -407,6 +403,17 @@ class HFBackend:
         if end is not None:
             return Completion(text, "eos", prompt_tokens, end + 1)
         return Completion(text, "length", prompt_tokens, len(ids))
+
+
+def copy_prefix(prefix_cache, cache, batch: int) -> int:
+    """Write a one-row prefix cache into the first positions of every row of `cache`; return its length."""
+    import torch
+
+    for index, layer in enumerate(prefix_cache.layers):
+        length = layer.keys.shape[-2]
+        cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index,
+                     {"cache_position": torch.arange(length, device=layer.keys.device)})
+    return length
 
 
 STATIC_CACHE_ROUNDING = 128  # tokens; cache lengths are rounded up to a multiple, to reuse compiled steps
@@ -460,15 +467,6 @@ class StaticDecoder:
     def _forward_step(self):
         return self._forward(self.tokens, self.positions, self.cache_position)
 
-    def _fill_prefix(self, prefix_cache):
-        import torch
-
-        for index, layer in enumerate(prefix_cache.layers):
-            length = layer.keys.shape[-2]
-            self.cache.update(layer.keys.expand(self.batch, -1, -1, -1), layer.values.expand(self.batch, -1, -1, -1),
-                              index, {"cache_position": torch.arange(length, device=layer.keys.device)})
-        return length
-
     def decode(self, input_ids, attention_mask, processors, stopping, max_new_tokens: int, pad_id: int,
                prefix_cache=None) -> list[list[int]]:
         """New token ids per row, as `generate` returns them (rows that stopped are padded)."""
@@ -485,7 +483,7 @@ class StaticDecoder:
             self.mask[:, width:width + max_new_tokens] = 1
             # Positions count real tokens only, as generate derives them from the mask.
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            start = self._fill_prefix(prefix_cache) if prefix_cache is not None else 0
+            start = copy_prefix(prefix_cache, self.cache, batch) if prefix_cache is not None else 0
             logits = self._forward(input_ids[:, start:], positions[:, start:],
                                    torch.arange(start, width, device=input_ids.device))
             self.positions.copy_(positions[:, -1:] + 1)
