@@ -207,9 +207,8 @@ def load_model(
         path = prepare(name_or_path)
         loaded = _load_directory(str(path), name_or_path, dtype, device_map, quantize, trust_remote_code,
                                  allow_pickle, "")
-        tokenizer = loaded.tokenizer
-        if KNOWN_MODELS[name_or_path].requires_bos and tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
-            loaded.bos_prefix = tokenizer.bos_token  # the tokenizer does not add it by itself
+        if KNOWN_MODELS[name_or_path].requires_bos:
+            loaded.bos_prefix = _missing_bos(loaded.tokenizer)
         return loaded
     local = Path(name_or_path).expanduser()
     if local.exists():
@@ -239,17 +238,18 @@ def vllm_model_path(name_or_path: str) -> tuple[str, str]:
     if name_or_path == TINY_RANDOM:
         raise ModelError("tiny-random lives in memory only; vLLM needs a model directory")
     if name_or_path in KNOWN_MODELS:
-        spec = KNOWN_MODELS[name_or_path]
         path = prepare(name_or_path)
-        bos = ""
-        if spec.requires_bos:
-            from transformers import AutoTokenizer
+        if not KNOWN_MODELS[name_or_path].requires_bos:
+            return str(path), ""
+        from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
-                bos = tokenizer.bos_token
-        return str(path), bos
+        return str(path), _missing_bos(AutoTokenizer.from_pretrained(path))
     return str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path, ""
+
+
+def _missing_bos(tokenizer) -> str:
+    """The bos token, for a model that needs one before every prompt where its tokenizer does not add it."""
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id] else ""
 
 
 def _torch_dtype(dtype: str):

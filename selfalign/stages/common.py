@@ -32,7 +32,8 @@ def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Eng
 
 def settings_of(config) -> dict:
     """A stage's settings as its manifest records them: all but where it runs, how it batches and
-    on which backend (a run may resume on another; the records keep their shape). JSON-shaped, so a resumed run compares equal (tuples -> lists)."""
+    on which backend (a run may resume on another; the records keep their shape). JSON-shaped, so
+    a resumed run compares equal (tuples -> lists)."""
     skip = ("run", "runs_dir", "restart", "batch_size", "max_batch_tokens", "backend", "tensor_parallel_size")
     return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip}))
 
