@@ -47,6 +47,7 @@ types_limit: int = 0  # use only the first N red-team types (0: all 20)
 topics_per_type: int = 1  # topics brainstormed per type
 n_per_topic: int = 1  # questions written per (type, topic)
 seed: int = 0  # sampling seed
+settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage prompts --help` lists them)
 
 # %%
 from selfalign.stages import red_team
@@ -54,7 +55,7 @@ from selfalign.stages import red_team
 config = red_team.PromptsConfig(run=run_name, runs_dir=runs_dir, model=model, backend=backend,
                                 n_self_instruct=n_self_instruct,
                                 types_limit=types_limit, topics_per_type=topics_per_type,
-                                n_per_topic=n_per_topic, seed=seed)
+                                n_per_topic=n_per_topic, seed=seed, **settings)
 manifest = red_team.run(config)
 {k: v for k, v in manifest["counts"].items() if k != "drops"}
 
@@ -77,11 +78,14 @@ prompts[["source", "type", "topic", "prompt"]].sample(min(12, len(prompts)), ran
 # ## What was dropped, and why
 #
 # Every candidate that did not make it is in `drops.jsonl` with its reason. The near-duplicate
-# filter compares each candidate with every seed and every kept prompt by ROUGE-L, exactly as
-# the reference `rouge_score` package would, but hundreds of times faster (see
-# `benchmarks/RESULTS.md`).
+# filter compares each candidate of the sources in `rouge_sources` with the seeds and the kept
+# prompts of those sources by ROUGE-L, exactly as the reference `rouge_score` package would, but
+# hundreds of times faster (see `benchmarks/RESULTS.md`). By default both sources are filtered;
+# the paper (the `full` profile) filtered Self-Instruct only and kept red-team questions whole.
 
 # %%
+counts = manifest["counts"]
+print(f"ROUGE-L >= {counts['rouge_threshold']} against: {', '.join(counts['rouge_compared_against']) or 'nothing'}")
 drops = frames["drops"]
 drops["reason"].str.split(" \\(").str[0].value_counts().rename("candidates").to_frame()
 

@@ -37,13 +37,14 @@ run_name: str = "demo"  # reads runs/<run_name>/prompts/, writes runs/<run_name>
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf", or "hf-static" on a GPU (static cache + torch.compile); vLLM: `selfalign stage self-align`
-prompts_file: str = ""  # "": this run's stage-1 prompts
+prompts: str = ""  # a prompt file; "": this run's stage-1 prompts
 limit: int = 16  # answer the first N prompts (0: all)
 max_new_tokens: int = 160  # per answer (the paper used 256)
 assistant: str = "Watson"  # the name the model answers under
 ablate_principle: int = 7  # the principle removed in the ablation at the end
 ablation_prompts: int = 4  # how many prompts the ablation answers twice
 seed: int = 0  # sampling seed
+settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage self-align --help` lists them)
 
 # %%
 import pandas as pd
@@ -66,8 +67,8 @@ print(render_prompt(principles, "What is the weather like in Paris right now?", 
 # %%
 loaded = load_model(model)
 config = self_align.SelfAlignConfig(run=run_name, runs_dir=runs_dir, model=model, backend=backend,
-                                    prompts=prompts_file, limit=limit,
-                                    max_new_tokens=max_new_tokens, assistant=assistant, seed=seed)
+                                    prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, assistant=assistant,
+                                    seed=seed, **settings)
 manifest = self_align.run(config, loaded=loaded)
 pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_frame()
 

@@ -37,7 +37,7 @@
 run_name: str = "demo"  # reads runs/<run_name>/self_align/, writes runs/<run_name>/engrave/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model stage 2 ran
-responses_file: str = ""  # "": this run's stage-2 responses
+responses: str = ""  # a response file; "": this run's stage-2 responses
 epochs: int = 3  # passes over the training answers (the paper: 1, over far more data)
 learning_rate: float = 4e-4  # the paper's
 micro_batch_size: int = 4  # examples per forward pass
@@ -46,6 +46,7 @@ holdout: float = 0.2  # share of answers kept out of training to measure the eff
 sample_prompts: int = 2  # held-out prompts answered by both models at the end
 sample_max_new_tokens: int = 64  # per answer in that comparison
 seed: int = 0  # LoRA initialisation, batch order and held-out split
+settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage engrave --help` lists them)
 
 # %%
 import pandas as pd
@@ -61,13 +62,15 @@ print(example_prompt + "⟦" + chat.target("Put the egg in boiling water for nin
 # %% [markdown]
 # Above is one training example. Everything before ⟦ is context: the model reads it but is not
 # trained to produce it. The part inside ⟦ ⟧ is what it learns to write, including the closing
-# `### User`, which teaches it where an answer ends (generation stops there).
+# `### User`, which teaches it where an answer ends (generation stops there). Besides stage 2's
+# answers, the training data holds a few conversations in which the assistant says who it is
+# (`principles/identity.yaml`; the counts below show how many as `identity`).
 
 # %%
 loaded = load_model(model)
-config = engrave.EngraveConfig(run=run_name, runs_dir=runs_dir, model=model, responses=responses_file,
+config = engrave.EngraveConfig(run=run_name, runs_dir=runs_dir, model=model, responses=responses,
                                epochs=epochs, learning_rate=learning_rate, micro_batch_size=micro_batch_size,
-                               cutoff=cutoff, holdout=holdout, seed=seed)
+                               cutoff=cutoff, holdout=holdout, seed=seed, **settings)
 manifest = engrave.run(config, loaded=loaded)
 pd.Series(manifest["counts"], name="value").to_frame()
 

@@ -28,7 +28,8 @@
 # model's default. This adapter is the final model of the method.
 #
 # **What to look at.** How much longer the teacher's answers are than stage 2's, how many ran into
-# the token limit (cut after their last full sentence), the student's loss, and whether the
+# the token limit (cut after their last full sentence, and trained on *without* the end marker, so
+# the student does not learn to stop where the teacher was cut), the student's loss, and whether the
 # student, with no instruction, finds the teacher's held-out answers likelier than the base
 # model does.
 
@@ -36,15 +37,16 @@
 run_name: str = "demo"  # reads runs/<run_name>/engrave/, writes runs/<run_name>/verbose/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model stages 2 and 3 used
-teacher_max_new_tokens: int = 128  # per teacher answer (the paper: 512)
-teacher_prompts: int = 0  # answer the first N of stage 3's prompts (0: all)
+max_new_tokens: int = 128  # per teacher answer (the paper: 512)
+limit: int = 0  # the teacher answers the first N of stage 3's prompts (0: all)
 epochs: int = 2  # student training passes (the paper: 1)
 learning_rate: float = 4e-4  # the paper's
 micro_batch_size: int = 4  # examples per forward pass
-student_cutoff: int = 768  # longest student example in tokens (the paper's)
+cutoff: int = 768  # longest student example in tokens (the paper's)
 sample_prompts: int = 2  # held-out prompts answered by every model at the end
 sample_max_new_tokens: int = 64  # per answer in that comparison
 seed: int = 0  # sampling, LoRA initialisation and batch order
+settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage verbose --help` lists them)
 
 # %%
 import pandas as pd
@@ -62,9 +64,9 @@ print(chat.prompt("How do I boil an egg?", instruction=read_instruction()))
 
 # %%
 loaded = load_model(model)
-config = verbose.VerboseConfig(run=run_name, runs_dir=runs_dir, model=model, max_new_tokens=teacher_max_new_tokens,
-                               limit=teacher_prompts, epochs=epochs, learning_rate=learning_rate,
-                               micro_batch_size=micro_batch_size, cutoff=student_cutoff, seed=seed)
+config = verbose.VerboseConfig(run=run_name, runs_dir=runs_dir, model=model, max_new_tokens=max_new_tokens,
+                               limit=limit, epochs=epochs, learning_rate=learning_rate,
+                               micro_batch_size=micro_batch_size, cutoff=cutoff, seed=seed, **settings)
 manifest = verbose.run(config, loaded=loaded)
 pd.Series(manifest["counts"], name="value").to_frame()
 

@@ -41,11 +41,13 @@ run_name: str = "demo"  # reads runs/<run_name>/engrave/ and verbose/, writes ru
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model of the run
 data_dir: str = "../shared/data"  # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl
-eval_limit: int = 10  # items sampled from TruthfulQA and HHH (0: all 817 and 221)
-vicuna_questions: int = 2  # Vicuna questions each model answers (0: all 80)
-eval_max_new_tokens: int = 64  # per Vicuna answer
+benchmarks: list = ["truthfulqa", "hhh", "vicuna"]  # those whose data is missing are skipped
+limit: int = 10  # items sampled from TruthfulQA and HHH (0: all 817 and 221)
+vicuna_limit: int = 2  # Vicuna questions each model answers (0: as limit)
+max_new_tokens: int = 64  # per Vicuna answer
 judge: str = ""  # the Vicuna judge model; "": the base model
 seed: int = 0  # which items are sampled
+settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage evaluate --help` lists them)
 
 # %%
 import pandas as pd
@@ -54,8 +56,8 @@ from selfalign.models import load_model
 from selfalign.records import Run
 from selfalign.stages import evaluation
 
-benchmarks = evaluation.available(data_dir)
-missing = sorted(set(evaluation.BENCHMARKS) - set(benchmarks))
+missing = sorted(set(benchmarks) - set(evaluation.available(data_dir)))
+benchmarks = [b for b in benchmarks if b not in missing]
 if missing:
     print(f"no data in {data_dir} for {', '.join(missing)}: those are skipped. The README says where each file "
           "comes from; set data_dir to the folder that has them.")
@@ -64,8 +66,8 @@ print("models:", ", ".join(evaluation.models_of(Run(run_name, runs_dir))))
 # %%
 loaded = load_model(model)
 config = evaluation.EvaluateConfig(run=run_name, runs_dir=runs_dir, model=model, benchmarks=benchmarks,
-                                   limit=eval_limit, vicuna_limit=vicuna_questions, data_dir=data_dir,
-                                   max_new_tokens=eval_max_new_tokens, judge=judge, seed=seed)
+                                   limit=limit, vicuna_limit=vicuna_limit, data_dir=data_dir,
+                                   max_new_tokens=max_new_tokens, judge=judge, seed=seed, **settings)
 manifest = evaluation.run(config, loaded=loaded) if benchmarks else None
 table = evaluation.comparison(run_name, runs_dir)
 table[~table["benchmark"].str.contains("/")].drop(columns=["note"], errors="ignore")

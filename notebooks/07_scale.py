@@ -28,19 +28,22 @@
 # cost, so it is modelled as a fraction of the card's memory floor. Stages 3 and 4's student
 # *train* a LoRA adapter: a compute cost, modelled as FLOPs at a measured utilisation.
 #
-# **What to look at.** Which configurations fit an 80 GB card, and which stage the hours go to.
+# **What to look at.** That the `full` profile is the paper's method, which configurations fit an
+# 80 GB card, and which stage the hours go to.
 # Then change the parameters below to your own model, prompt count and measured throughput
 # (`benchmarks/generation_gpu.py` prints tokens/s and the percentage of the floor on your card).
 
 # %% tags=["parameters"]
 run_name: str = "demo"  # unused here (no run files are read); kept so every chapter takes the same parameters
 model_shape: str = "llama-65b"  # "llama-7b", "llama-65b", or a model directory / config.json
-prompts: int = 367_718  # prompts kept after stage 1 (the paper: 267,597 Self-Instruct + 99,121 red-team)
+prompt_count: int = 367_718  # prompts kept after stage 1 (the paper: 267,597 Self-Instruct + 99,121 red-team)
 gpu: str = "H100"  # H100, H200 or A100: its memory, bandwidth and peak FLOPs
 floor_fraction: float = 0.6  # decode speed as a share of the memory floor (the hf-static backend measured 0.70 on an H200)
 mfu: float = 0.24  # training FLOPs utilisation (measured: 0.24 for LoRA on a 7B shape, H200)
 decode_tokens_per_s: float = 0.0  # your measured decode tokens/s per GPU; 0: use floor_fraction instead
 generation_batch: int = 64  # sequences decoded together
+profile: str = "full"  # the profile whose settings are compared with the paper's
+processes: int = 8  # the processes `accelerate launch` trains stages 3-4 with (sets the accumulation)
 
 # %%
 import matplotlib.pyplot as plt
@@ -58,6 +61,29 @@ pd.Series({
     "card": f"{card.name}: {card.memory_gb:g} GB, {card.read_bytes_per_s / 1e12:g} TB/s, "
             f"{card.bf16_flops / 1e12:g} TFLOPS bf16",
 }, name=model_shape).to_frame()
+
+# %% [markdown]
+# ## What would run: the profile beside the paper
+#
+# `selfalign run --profile full --dry-run` resolves every stage's settings without loading a model.
+# Here they stand beside the values of the paper's released scripts (IBM/Dromedary, branch
+# dromedary_v1), with our defaults (the CPU book's) and why those differ. Under `full` nothing
+# should differ; the rows after the table are what the paper did that no setting reproduces.
+
+# %%
+from selfalign import paper
+from selfalign.profiles import load_profile, resolve
+
+shown = resolve(load_profile(profile)).as_dict(processes)
+print(f"profile {profile!r}, {processes} training processes: stage 3 accumulates "
+      f"{shown['engrave']['accumulation_steps']} micro-batches of {shown['engrave']['micro_batch_size']}, "
+      f"an effective batch of {shown['engrave']['effective_batch_size']}")
+comparison = paper.chapter_table(shown)
+print(f"{int(comparison['profile differs'].sum())} of {len(comparison)} paper settings differ under {profile!r}")
+comparison.drop(columns=["source"])
+
+# %%
+pd.DataFrame(paper.NOT_SETTINGS, columns=["stage", "the paper", "ours", "why"])
 
 # %% [markdown]
 # ## Memory: what fits on which cards
@@ -96,7 +122,7 @@ if decode_tokens_per_s:
     roofline = cost.roofline_throughput(shape, card, generation_batch, mfu=mfu)
     throughput = cost.Throughput(prefill=roofline.prefill, decode=decode_tokens_per_s,
                                  source=f"measured decode {decode_tokens_per_s:g} tok/s per GPU; prefill: roofline")
-table = cost.cost_table(cost.paper_stages(prompts), shape, throughput, assume, batch=generation_batch,
+table = cost.cost_table(cost.paper_stages(prompt_count), shape, throughput, assume, batch=generation_batch,
                         floor_fraction=floor_fraction)
 pd.set_option("display.max_colwidth", 200)
 table[["stage", "kind", "prefill_tokens", "decode_tokens", "train_tokens", "gpu_hours", "assumptions"]].round(1)
@@ -119,7 +145,7 @@ print(f"total: {table['gpu_hours'].iloc[-1]:,.0f} GPU-hours, {table['gpu_hours']
 # %%
 rows = []
 for label, fraction in [("hf (plain generate), ~10%", 0.10), ("hf-static (compiled), ~70%", 0.70)]:
-    costed = cost.cost_table(cost.paper_stages(prompts), shape, None, assume, batch=generation_batch,
+    costed = cost.cost_table(cost.paper_stages(prompt_count), shape, None, assume, batch=generation_batch,
                              floor_fraction=fraction)
     rows.append({"backend": label, "GPU-hours": round(costed["gpu_hours"].iloc[-1])})
 pd.DataFrame(rows)

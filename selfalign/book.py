@@ -1,8 +1,8 @@
 """Run the book's notebooks headless with papermill, in order, resuming finished ones; build the book.
 
 Each notebook in `notebooks/` is executed into `runs/<run>/notebooks/<name>.ipynb` with its
-`parameters` cell overridden (run name, runs directory, model, and any `-p key value` that the
-notebook declares). A notebook whose executed copy exists without an error is not run again; the
+`parameters` cell overridden: a stage chapter gets its stage's settings as `selfalign.profiles`
+resolves them from the profile and `-p`, every chapter its own parameters. A notebook whose executed copy exists without an error is not run again; the
 first failure stops the run, keeping the failed copy (with its traceback) and printing its path.
 
 `build_book` then turns a run's executed notebooks into the Jupyter Book (1.x) HTML, offline.
@@ -15,20 +15,36 @@ from __future__ import annotations
 from pathlib import Path
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-PROFILE_DIR = NOTEBOOK_DIR.parent / "profiles"
+# The chapter that runs each stage (by its number). The others (00, 06, 07) run no stage.
+CHAPTER_STAGES = {"01": "prompts", "02": "self-align", "03": "engrave", "04": "verbose", "05": "evaluate"}
 
 
-def load_profile(name: str) -> dict:
-    """Notebook parameters of a named profile (`profiles/<name>.yaml`) or of a YAML file path."""
-    import yaml
+def chapter_stage(notebook: Path) -> str | None:
+    return CHAPTER_STAGES.get(notebook.stem[:2])
 
-    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no profile {name!r}: choose one of {known} or give a YAML file")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of notebook parameters")
+
+def notebook_parameters(notebook: Path, declared: set[str], resolved, run: str, runs_dir: str) -> dict:
+    """What papermill injects into one chapter: its stage's resolved settings (the fields it
+    declares by name, every other non-default one in its `settings` dict) and its own parameters.
+
+    So a stage chapter runs with exactly the settings `selfalign run --dry-run` prints."""
+    import dataclasses
+
+    from .profiles import RUN_FIELDS, _jsonable
+
+    values = {k: v for k, v in {"run_name": run, "runs_dir": runs_dir}.items() if k in declared}
+    stage = chapter_stage(notebook)
+    config = resolved.stages.get(stage) if stage else None
+    fields = _jsonable(dataclasses.asdict(config)) if config is not None else {}
+    for name in declared:
+        if name in fields and name not in RUN_FIELDS:
+            values[name] = fields[name]
+        elif name in resolved.chapters:
+            values[name] = _jsonable(resolved.chapters[name])
+    if config is not None and "settings" in declared:
+        defaults = _jsonable(dataclasses.asdict(type(config)()))
+        values["settings"] = {k: v for k, v in fields.items()
+                              if k not in declared and k not in RUN_FIELDS and v != defaults[k]}
     return values
 
 
@@ -55,27 +71,39 @@ def completed(executed: Path) -> bool:
     return bool(metadata.get("end_time")) and not metadata.get("exception")
 
 
-def run_book(run: str, runs_dir: str | Path = "runs", parameters: dict | None = None,
+def plan_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = None, overrides: dict | None = None,
+              only: list[str] | None = None) -> list[tuple[Path, dict]]:
+    """(notebook, injected parameters) for each chapter to run, without running anything.
+    Raises ProfileError for a key that no stage and no chapter takes."""
+    import papermill
+
+    from .profiles import ProfileError, resolve, unknown_keys
+
+    profile, overrides = profile or {}, overrides or {}
+    runs_dir = str(Path(runs_dir).resolve())
+    chosen = [n for n in notebooks() if not only or any(n.stem.startswith(prefix) for prefix in only)]
+    declared = {n: set(papermill.inspect_notebook(str(n))) for n in chosen}
+    unknown = unknown_keys(profile, overrides, set().union(*declared.values()) if declared else set())
+    if unknown:
+        raise ProfileError(f"no stage or notebook takes the parameters {unknown}")
+    resolved = resolve(profile, overrides, run=run, runs_dir=runs_dir)
+    return [(n, notebook_parameters(n, declared[n], resolved, run, runs_dir)) for n in chosen]
+
+
+def planned_stages(plan: list[tuple[Path, dict]], resolved) -> dict:
+    """The stages the planned chapters run, with their resolved settings."""
+    names = [chapter_stage(n) for n, _ in plan if chapter_stage(n)]
+    return {name: resolved.stages[name] for name in names}
+
+
+def run_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = None, overrides: dict | None = None,
              only: list[str] | None = None, progress: bool = True, log=print) -> list[Path]:
     """Execute the notebooks in order; return the executed copies. Raises NotebookFailed."""
     import papermill
 
-    runs_dir = Path(runs_dir).resolve()
-    out_dir = runs_dir / run / "notebooks"
+    plan = plan_book(run, runs_dir, profile, overrides, only)
+    out_dir = Path(runs_dir).resolve() / run / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    common = {"run_name": run, "runs_dir": str(runs_dir), **(parameters or {})}
-    declared_anywhere: set[str] = set()
-    plan = []
-    for notebook in notebooks():
-        if only and not any(notebook.stem.startswith(prefix) for prefix in only):
-            continue
-        declared = set(papermill.inspect_notebook(str(notebook)))
-        declared_anywhere |= declared
-        plan.append((notebook, {k: v for k, v in common.items() if k in declared}))
-    unknown = sorted(set(parameters or {}) - declared_anywhere)
-    if unknown:
-        raise ValueError(f"no notebook takes the parameters {unknown}")
-
     executed_paths = []
     for notebook, values in plan:
         executed = out_dir / notebook.name

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import config as configuration
 from .generate import HF_BACKENDS, SamplingParams
@@ -14,17 +15,7 @@ from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, conver
 from .prompts import PromptFileError
 from .records import Run, RunError
 from .principles import PrincipleError
-from .stages import baseline, engrave, evaluation, red_team, self_align, verbose
-
-# Stages in pipeline order: name -> (config class, run function). Later stages add themselves here.
-STAGES = {
-    "prompts": (red_team.PromptsConfig, red_team.run),
-    "self-align": (self_align.SelfAlignConfig, self_align.run),
-    "baseline": (baseline.BaselineConfig, baseline.run),
-    "engrave": (engrave.EngraveConfig, engrave.run),
-    "verbose": (verbose.VerboseConfig, verbose.run),
-    "evaluate": (evaluation.EvaluateConfig, evaluation.run),
-}
+from .profiles import STAGES, ProfileError, load_profile, resolve, unknown_keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ModelError, RunError, PromptFileError, PrincipleError, ValueError) as error:
+    except (ModelError, RunError, PromptFileError, PrincipleError, ValueError, FileNotFoundError) as error:
         print(f"selfalign: error: {error}", file=sys.stderr)
         return 1
 
@@ -96,12 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default="runs")
     run.add_argument("--model", default=None, help=f"default: the profile's, else {DEFAULT_MODEL}")
     run.add_argument("--profile", default="tiny",
-                     help="notebook parameters from profiles/NAME.yaml (tiny, small, full) or a YAML file")
+                     help="every stage's settings from profiles/NAME.yaml (tiny, small, full) or a YAML file")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                     help="set a parameter in every notebook (or stage) that has it (value parsed as JSON if it can "
-                          "be); wins over the profile")
+                     help="set KEY in every stage and chapter that has it, or STAGE.KEY in one stage (value parsed "
+                          "as JSON if it can be); wins over the profile")
     run.add_argument("--direct", action="store_true",
                      help="call the stage functions without notebooks (no kernel; also runs the baseline stage)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every stage's resolved settings as JSON and stop: no model is loaded, nothing written")
+    run.add_argument("--processes", type=int, default=1,
+                     help="with --dry-run: the processes `accelerate launch` will train stages 3-4 with")
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01 (with --direct: stage "
                                                "names, e.g. prompts self-align)")
     run.set_defaults(handler=_run)
@@ -207,31 +202,43 @@ def _run(args) -> int:
     overrides = {key: _parse_value(value) for key, value in args.p}
     if args.model:
         overrides["model"] = args.model
-    if not args.direct:
-        from .book import NotebookFailed, load_profile, run_book
+    profile = load_profile(args.profile)
+    if args.direct:
+        unknown = set(args.only or ()) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)} in --only; stages: {', '.join(STAGES)}")
+        bad = unknown_keys({}, overrides, set())  # the profile's chapters section is the notebooks' alone
+        if bad:
+            raise ProfileError(f"no stage takes the parameters {bad} (chapter parameters need the notebooks)")
+        names = [name for name in STAGES if not args.only or name in args.only]
+        resolved = resolve(profile, overrides, run=args.run, runs_dir=args.runs_dir, stages=names)
+    else:
+        from .book import NotebookFailed, planned_stages, plan_book, run_book
 
+        plan = plan_book(args.run, args.runs_dir, profile, overrides, only=args.only)
+        resolved = resolve(profile, overrides, run=args.run, runs_dir=str(Path(args.runs_dir).resolve()))
+        resolved.stages = planned_stages(plan, resolved)
+    if args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    if args.dry_run:
+        print(json.dumps(resolved.as_dict(args.processes), indent=2, ensure_ascii=False))
+        return 0
+    if not args.direct:
         try:
-            run_book(args.run, args.runs_dir, {**load_profile(args.profile), **overrides}, only=args.only)
+            run_book(args.run, args.runs_dir, profile, overrides, only=args.only)
         except (NotebookFailed, FileNotFoundError) as failure:
             print(f"selfalign: error: {failure}", file=sys.stderr)
             return 1
         return 0
-    overrides.setdefault("model", DEFAULT_MODEL)
-    overrides.update(run=args.run, runs_dir=args.runs_dir)
     loaded = None
-    unknown = set(args.only or ()) - set(STAGES)
-    if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)} in --only; stages: {', '.join(STAGES)}")
-    for name, (config_class, run_stage) in STAGES.items():
-        if args.only and name not in args.only:
-            continue
+    for name, config in resolved.stages.items():
+        run_stage = STAGES[name][1]
         stage = Run(args.run, args.runs_dir).stage(name.replace("-", "_"))
         if stage.finished:
             print(f"[{name}] finished earlier, skipped ({stage.path})")
             continue
-        known = {f for f in config_class.__dataclass_fields__}
-        config = configuration.from_mapping(config_class, {k: v for k, v in overrides.items() if k in known})
-        loaded = loaded or load_model(overrides["model"])
+        # One model serves every stage that names the same one (the stages load their own otherwise).
+        loaded = loaded if loaded is not None and loaded.name == config.model else load_model(config.model)
         print(f"[{name}] running into {stage.path}")
         manifest = run_stage(config, loaded=loaded)
         print(f"[{name}] {manifest['status']}: {manifest['counts']}")

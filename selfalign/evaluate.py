@@ -12,6 +12,11 @@ checks them against `score_one_by_one`, the plain loop (benchmarks/evaluate.py t
 The benchmarks take a `LoadedModel` (a peft-wrapped model too) or any scorer, i.e. a callable from
 a list of pairs to a list of `Score`s, and return an `EvalResult`: one row per item and a summary.
 Prompts live in `principles/eval_templates.yaml`; the paper's prompt variants are labelled as such.
+The paper's exams (TruthfulQA true/false, HHH A/B, the pairwise judge) take a `chat` format: given
+one, as in the paper, the exam is the user turn of a conversation in the model's own training
+format and the label is scored after the opening of the assistant's reply (`exam_requests`);
+without one, after the bare exam and an "Answer:" line. The standard MC1/MC2 and HHH's likelihood
+modes use no chat format: they are the benchmarks' own protocols.
 
 It deliberately does not generate answers (the Vicuna judge compares answers made elsewhere), write
 run directories (`EVAL_SCHEMAS` and `item_records` are for the stage that does), or download
@@ -26,11 +31,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .generate import cache_keyword
 from .prompts import PRINCIPLES_DIR, check_templates, read_yaml
 from .records import SCHEMAS
+
+if TYPE_CHECKING:
+    from .train import ChatFormat
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # where this project's machines keep them
 TEMPLATES = PRINCIPLES_DIR / "eval_templates.yaml"
@@ -312,12 +320,34 @@ def load_templates(path: str | Path = TEMPLATES) -> dict:
     check_templates(path, templates, {"truthfulqa_primer": [], "truthfulqa_question": ["{question}"],
                                       "true_false_exam": ["{question}", "{answer}"], "hhh_dialogue": ["{input}"],
                                       "hhh_ab_exam": ["{input}", "{a}", "{b}"],
-                                      "pairwise_judge": ["{question}", "{a}", "{b}"]}, ValueError)
-    for key in ("true_false_labels", "ab_labels"):
+                                      "pairwise_judge": ["{question}", "{a}", "{b}"], "bare_answer": [],
+                                      "true_false_reply": [], "ab_reply": [], "judge_reply": []}, ValueError)
+    for key in ("true_false_labels", "ab_labels", "true_false_reply_labels", "ab_reply_labels"):
         labels = templates.get(key)
         if not (isinstance(labels, list) and len(labels) == 2 and all(isinstance(x, str) and x for x in labels)):
             raise ValueError(f"{path}: '{key}' must be a list of two non-empty strings")
     return templates
+
+
+# Each exam's templates: (its bare labels, its reply opening, the labels that follow that opening).
+_EXAMS = {"true_false": ("true_false_labels", "true_false_reply", "true_false_reply_labels"),
+          "ab": ("ab_labels", "ab_reply", "ab_reply_labels"),
+          "judge": ("ab_labels", "judge_reply", "ab_reply_labels")}
+
+
+def exam_requests(templates: dict, kind: str, exam: str, chat: ChatFormat | None = None) -> list[tuple[str, str]]:
+    """The two (context, label) pairs of one exam (kind: true_false, ab or judge), first label first.
+
+    Bare (chat None): the exam text, then `bare_answer`. In a chat format: the exam as the user
+    turn, the assistant's marker, then the reply's opening; a trained model's answer then starts
+    where its training answers did, and the label is the next word of that answer.
+    """
+    bare_labels, reply, reply_labels = _EXAMS[kind]
+    if chat is None:
+        context, labels = exam + templates["bare_answer"], templates[bare_labels]
+    else:
+        context, labels = chat.prompt(exam) + templates[reply], templates[reply_labels]
+    return [(context, label) for label in labels]
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -523,20 +553,21 @@ def truthfulqa_mc(model, questions: Sequence[MCQuestion], *, with_mc2: bool = Tr
     return _result("truthfulqa_mc", _name(scorer), rows, ["mc1", "mc2"] if with_mc2 else ["mc1"])
 
 
-def truthfulqa_mc_paper(model, questions: Sequence[MCQuestion], *, templates: dict | None = None,
-                        batch_size: int = 32, progress: bool = True) -> EvalResult:
+def truthfulqa_mc_paper(model, questions: Sequence[MCQuestion], *, chat: ChatFormat | None = None,
+                        templates: dict | None = None, batch_size: int = 32, progress: bool = True) -> EvalResult:
     """The paper's variant, not comparable with standard MC1: each of MC1's candidates (best answer
-    and false answers) is judged alone in a true/false exam, scored log P(" True") - log P(" False");
-    MC1 = the best answer has the top score."""
+    and false answers) is judged alone in a true/false exam, scored log P(true label) - log P(false
+    label); MC1 = the best answer has the top score. With `chat`, the exam is asked in that
+    conversation format and the label follows the opening of the assistant's reply (the paper's
+    protocol); without, the bare exam ends in "Answer:" and the labels are " True" / " False"."""
     scorer, templates = as_scorer(model, batch_size, progress), templates or load_templates()
-    yes, no = templates["true_false_labels"]
     plans, requests = [], []
     for q in questions:
         answers = list(dict.fromkeys([q.best, *(q.mc1_incorrect or q.incorrect)]))
         plans.append((q, answers, len(requests)))
         for a in answers:
             exam = templates["true_false_exam"].format(question=q.question, answer=a)
-            requests += [(exam, yes), (exam, no)]
+            requests += exam_requests(templates, "true_false", exam, chat)
     scores = [s.logprob for s in scorer(requests)]
     rows = []
     for q, answers, at in plans:
@@ -578,9 +609,12 @@ def _outcome(preference: float) -> float:
 
 
 def hhh_eval(model, examples: Sequence[HHHExample], *, modes: Sequence[str] = ("total", "mean", "ab"),
-             seed: int = 0, templates: dict | None = None, batch_size: int = 32, progress: bool = True) -> EvalResult:
+             seed: int = 0, chat: ChatFormat | None = None, templates: dict | None = None, batch_size: int = 32,
+             progress: bool = True) -> EvalResult:
     """Accuracy on HHH by (total) answer log-likelihood, (mean) per-token log-likelihood and (ab) the
-    paper's A/B exam, scored with each answer in each position and the two log-odds averaged.
+    paper's A/B exam, scored with each answer in each position and the two log-odds averaged. With
+    `chat`, the A/B exam is asked in that conversation format (see `exam_requests`); the likelihood
+    modes always use the plain "Human: ... Assistant:" layout.
 
     The data lists the correct answer first, so nothing may depend on order: each example's answers
     are put in a seeded random order before scoring, and a tie counts as half right.
@@ -589,7 +623,6 @@ def hhh_eval(model, examples: Sequence[HHHExample], *, modes: Sequence[str] = ("
     unknown = set(modes) - {"total", "mean", "ab"}
     if unknown:
         raise ValueError(f"unknown HHH modes {sorted(unknown)}; choose from total, mean, ab")
-    label_a, label_b = templates["ab_labels"]
     requests, plans = [], []
     for ex in examples:
         order = [0, 1]
@@ -601,7 +634,7 @@ def hhh_eval(model, examples: Sequence[HHHExample], *, modes: Sequence[str] = ("
         if "ab" in modes:
             for first, second in (order, order[::-1]):
                 exam = templates["hhh_ab_exam"].format(input=ex.input, a=ex.answers[first], b=ex.answers[second])
-                requests += [(exam, label_a), (exam, label_b)]
+                requests += exam_requests(templates, "ab", exam, chat)
         plans.append((ex, order, at))
     scores = scorer(requests)
     rows = []
@@ -654,9 +687,10 @@ def judge_note(judge) -> str:
 
 
 def judge_pairwise(judge, questions: Sequence[dict], answers_a: Sequence[str], answers_b: Sequence[str], *,
-                   name_a: str = "a", name_b: str = "b", templates: dict | None = None,
-                   batch_size: int = 32, progress: bool = True) -> EvalResult:
-    """Ask the judge which answer is better, in both orders, by log P(" A") - log P(" B").
+                   name_a: str = "a", name_b: str = "b", chat: ChatFormat | None = None,
+                   templates: dict | None = None, batch_size: int = 32, progress: bool = True) -> EvalResult:
+    """Ask the judge which answer is better, in both orders, by log P(" A") - log P(" B"); with
+    `chat`, in that conversation format, after the opening of the judge's reply (`exam_requests`).
 
     A win for `name_a` needs both orders to prefer its answer, a loss both to prefer the other; a
     judge that changes its mind with the order gives a tie. Rows hold the verdict, the mean
@@ -665,12 +699,11 @@ def judge_pairwise(judge, questions: Sequence[dict], answers_a: Sequence[str], a
     if not len(questions) == len(answers_a) == len(answers_b):
         raise ValueError("questions, answers_a and answers_b must have the same length")
     scorer, templates = as_scorer(judge, batch_size, progress), templates or load_templates()
-    label_a, label_b = templates["ab_labels"]
     requests = []
     for q, a, b in zip(questions, answers_a, answers_b):
         for first, second in ((a, b), (b, a)):
             prompt = templates["pairwise_judge"].format(question=q["question"], a=first, b=second)
-            requests += [(prompt, label_a), (prompt, label_b)]
+            requests += exam_requests(templates, "judge", prompt, chat)
     s = [x.logprob for x in scorer(requests)]
     rows = []
     for k, q in enumerate(questions):
@@ -683,9 +716,11 @@ def judge_pairwise(judge, questions: Sequence[dict], answers_a: Sequence[str], a
                    note=judge_note(scorer), groups_in_summary=True)
 
 
-def judge_pair(judge, question: str, answer_a: str, answer_b: str, templates: dict | None = None) -> dict:
+def judge_pair(judge, question: str, answer_a: str, answer_b: str, templates: dict | None = None,
+               chat: ChatFormat | None = None) -> dict:
     """One comparison: the row `judge_pairwise` would give, plus the judge note."""
-    result = judge_pairwise(judge, [{"question": question}], [answer_a], [answer_b], templates=templates, progress=False)
+    result = judge_pairwise(judge, [{"question": question}], [answer_a], [answer_b], chat=chat, templates=templates,
+                            progress=False)
     return {**result.items.iloc[0].to_dict(), "judge_note": result.note}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterator, Protocol, Sequence
@@ -33,7 +34,13 @@ class PromptTooLongError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. temperature 0 means greedy decoding."""
+    """How to sample. temperature 0 means greedy decoding.
+
+    `repetition_penalty` (transformers' semantics) and `no_repeat_ngram_size` look at the generated
+    tokens only, as Dromedary's released generation does: a teacher rewriting a question may quote
+    it. `logit_bias` pairs a text with a bias added to the logit of its first token, as written and
+    after a space, at every step (Dromedary's stage 2: `(("Sorry", -100.0),)`).
+    """
 
     temperature: float = 0.7
     top_p: float = 0.95
@@ -42,6 +49,7 @@ class SamplingParams:
     seed: int = 0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    logit_bias: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -55,9 +63,18 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((text, float(bias)) for text, bias in pairs))
+        for text, bias in self.logit_bias:
+            if not isinstance(text, str) or not text or not math.isfinite(bias):
+                raise ValueError(f"logit_bias needs (non-empty text, finite bias) pairs, got {(text, bias)!r}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "stop": list(self.stop)}
+        return {**asdict(self), "stop": list(self.stop), "logit_bias": [list(p) for p in self.logit_bias]}
 
 
 @dataclass
@@ -91,6 +108,27 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
         if at != -1 and at < best:
             best, which = at, stop
     return text[:best], which
+
+
+def first_token_biases(tokenizer, logit_bias: Sequence[tuple[str, float]]) -> dict[int, float]:
+    """Token id -> bias: each text's first token, as written and after a space; a text's bias is
+    counted once where both give the same token, and biases of different texts add up.
+
+    A first token that is whitespace alone is passed over for the next one: LLaMA's tokenizer
+    encodes " Sorry" as "▁", "▁Sorry", and biasing that lone "▁" would bias every number it
+    precedes, not the word.
+    """
+    biases: dict[int, float] = {}
+    for text, bias in logit_bias:
+        ids = set()
+        for variant in (text, " " + text):
+            tokens = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            while len(tokens) > 1 and not tokenizer.decode(tokens[:1]).strip():
+                tokens = tokens[1:]
+            ids.update(tokens[:1])
+        for token in ids:
+            biases[token] = biases.get(token, 0.0) + bias
+    return biases
 
 
 def prompt_seed(seed: int, key) -> int:
@@ -212,8 +250,8 @@ class HFBackend:
     `static=False` decodes with `model.generate`. `static=True` runs `StaticDecoder`, a loop over a
     preallocated cache whose decode step has fixed shapes, so on CUDA it is compiled once and
     replayed as a CUDA graph; its tokens are the same as generate's (tested on CPU), since it
-    applies transformers' own logits processors and stopping criteria in generate's order.
-    `compile=None` compiles on CUDA only.
+    applies the same logits processors (`_processors`) and transformers' own stopping criteria in
+    generate's order. `compile=None` compiles on CUDA only.
     """
 
     def __init__(self, loaded, static: bool = False, compile: bool | None = None):
@@ -285,15 +323,13 @@ class HFBackend:
             max_new_tokens=params.max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=self._eos_ids(),
-            repetition_penalty=params.repetition_penalty,
-            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            # Neutral, so that a model's generation_config cannot add transformers' own penalties,
+            # which count the prompt; ours are in `_processors`.
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            logits_processor=self._processors(params, seeds, attention_mask),
         )
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.temperature > 0:
-            from transformers import LogitsProcessorList
-
-            sampler = _NucleusSampler(params.temperature, params.top_p, seeds, device)
-            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if shared_prefix is not None:
@@ -307,23 +343,23 @@ class HFBackend:
         return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
 
     def _processors(self, params: SamplingParams, seeds, attention_mask):
-        """What generate would build from the kwargs above, in its order: penalties, then the sampler."""
-        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+        """The logits processors of both decoders, in one order: penalties, logit bias, sampler.
 
+        The batch is left-padded to the width of `attention_mask` (with a shared prefix, prefix
+        plus padded suffix), so the tokens after that width are the generated ones.
+        """
+        from transformers import LogitsProcessorList
+
+        width, device = attention_mask.shape[1], attention_mask.device
         processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
-            # transformers 5.24's generate leaves each row's left padding out of the penalty, passing
-            # its length per row; versions whose processor refuses a tensor there (5.17) pass nothing.
-            try:
-                penalty = RepetitionPenaltyLogitsProcessor(
-                    params.repetition_penalty, prompt_ignore_length=(attention_mask != 0).int().argmax(dim=1))
-            except (TypeError, ValueError):
-                penalty = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
-            processors.append(penalty)
+            processors.append(GeneratedRepetitionPenalty(params.repetition_penalty, width))
         if params.no_repeat_ngram_size > 0:
-            processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+            processors.append(GeneratedNoRepeatNGram(params.no_repeat_ngram_size, width))
+        if params.logit_bias:
+            processors.append(LogitBias(first_token_biases(self.tokenizer, params.logit_bias), device))
         if params.temperature > 0:
-            processors.append(_NucleusSampler(params.temperature, params.top_p, seeds, attention_mask.device))
+            processors.append(_NucleusSampler(params.temperature, params.top_p, seeds, device))
         return processors
 
     def _stopping(self, params: SamplingParams):
@@ -426,8 +462,9 @@ class StaticDecoder:
     full-length attention mask and the cache), so it can be compiled once with CUDA graphs
     (`torch.compile(mode="reduce-overhead")`): on an H200 the same scheme reached 70% of the
     memory floor at batch 64 where `generate` reached 10% (benchmarks/RESULTS.md). Token choice,
-    penalties and stopping stay outside the graph, in transformers' own classes, so they match
-    `generate` exactly. The prefill (variable width) runs eagerly.
+    penalties and stopping stay outside the graph, in the logits processors and transformers'
+    stopping criteria that `generate` is given too, so they match it exactly. The prefill
+    (variable width) runs eagerly.
     """
 
     check_every = 8  # steps between checks whether every row has stopped
@@ -534,6 +571,60 @@ def _tokens_until(tokenizer, ids: list[int], stop: str) -> int:
         else:
             low = middle + 1
     return high
+
+
+class GeneratedRepetitionPenalty:
+    """transformers' repetition penalty (positive logits divided by it, negative ones multiplied)
+    over the tokens each row has generated, those after `prompt_width`; the prompt's are free."""
+
+    def __init__(self, penalty: float, prompt_width: int):
+        self.penalty, self.prompt_width = penalty, prompt_width
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.prompt_width:]
+        if generated.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, generated)
+        return scores.scatter(1, generated, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+
+
+class GeneratedNoRepeatNGram:
+    """Bans a token that would complete an n-gram already in the row's generated tokens (those
+    after `prompt_width`); an n-gram of the prompt may be generated once."""
+
+    def __init__(self, size: int, prompt_width: int):
+        self.size, self.prompt_width = size, prompt_width
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.prompt_width:]
+        length, n = generated.shape[1], self.size
+        if length < n:
+            return scores
+        grams = generated.unfold(1, n, 1)  # (batch, length - n + 1, n)
+        continues = (grams[:, :, :-1] == generated[:, None, length - n + 1:]).all(-1)
+        vocab = scores.shape[-1]
+        # Rows' non-matching n-grams point at a spare column, so that every write is True.
+        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        banned.scatter_(1, torch.where(continues, grams[:, :, -1], vocab), True)
+        return scores.masked_fill(banned[:, :vocab], float("-inf"))
+
+
+class LogitBias:
+    """Adds a fixed bias to some token ids' logits at every step (`first_token_biases`)."""
+
+    def __init__(self, biases: dict[int, float], device):
+        import torch
+
+        self.ids = torch.tensor(list(biases), dtype=torch.long, device=device)
+        self.values = torch.tensor(list(biases.values()), device=device)
+
+    def __call__(self, input_ids, scores):
+        values = self.values.to(scores.dtype).expand(scores.shape[0], -1)
+        return scores.index_add(1, self.ids, values)
 
 
 class _NucleusSampler:

@@ -111,7 +111,11 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
     for key in ("user_turn", "thoughts_turn", "answer_turn"):
         if not re.match(r"^[^{}\n]*\{assistant\}|^User:", template_data[key]):
             raise PrincipleError(f"{template}: '{key}' must start with its role marker")
-    template_data.setdefault("refusal_openings", [])
+    for key in ("refusal_openings", "apology_openings"):
+        openings = template_data.setdefault(key, [])
+        # A lone string would be read as one opening per character, dropping nearly every answer.
+        if not isinstance(openings, list) or not all(isinstance(o, str) and o.strip() for o in openings):
+            raise PrincipleError(f"{template}: '{key}' must be a list of non-empty texts")
 
     rows = _read_yaml(principles).get("principles") or []
     if not rows:

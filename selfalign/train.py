@@ -95,6 +95,28 @@ def read_instruction(path: str | Path = PRINCIPLES_DIR / "verbose_prompt.yaml") 
     return data["instruction"]
 
 
+def load_identity(path: str | Path, chat: ChatFormat) -> list[dict]:
+    """The conversations in which the assistant introduces itself (`principles/identity.yaml`), as
+    training records (id, prompt, answer, source "identity") under the chat format's names."""
+    data = read_yaml(path, ValueError)
+    conversations = data.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"{path}: expected a non-empty 'conversations:' list of user/answer pairs")
+    records = []
+    for number, entry in enumerate(conversations, 1):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k].strip()
+                                                  for k in ("user", "answer")):
+            raise ValueError(f"{path}: conversation #{number} needs non-empty 'user' and 'answer' texts")
+        try:
+            answer = entry["answer"].format(assistant=chat.assistant, developer=chat.developer)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"{path}: conversation #{number}: only {{assistant}} and {{developer}} can be "
+                             f"filled in ({error})") from None
+        records.append({"id": f"identity-{number}", "prompt": entry["user"].strip(), "answer": answer.strip(),
+                        "source": "identity"})
+    return records
+
+
 # ---------------------------------------------------------------------------------------------
 # Training examples
 
@@ -111,11 +133,14 @@ class Example:
 
 
 def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, cutoff: int,
-                   instruction: str = "") -> tuple[list[Example], list[dict]]:
+                   overlong: str = "drop") -> tuple[list[Example], list[dict]]:
     """(examples, drops) from records with id, prompt and answer.
 
     Context and target are tokenized apart and joined, so the context's tokens are exactly those the
-    model sees at inference before it starts answering.
+    model sees at inference before it starts answering. A record with `"ended": False` (an answer
+    cut off by the token limit) gets no end-of-answer marker: it must not teach the model to stop
+    there. An example over `cutoff` is dropped, or with overlong="truncate" (Dromedary's) keeps the
+    start of its answer, again without the marker.
     """
     tokenizer = loaded.tokenizer
     examples, drops = [], []
@@ -124,14 +149,20 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
         if not answer:
             drops.append({"id": record["id"], "reason": "empty answer"})
             continue
-        context = tokenizer(loaded.bos_prefix + chat.prompt(record["prompt"], instruction=instruction))["input_ids"]
-        target = tokenizer(chat.target(answer), add_special_tokens=False)["input_ids"]
+        context = tokenizer(loaded.bos_prefix + chat.prompt(record["prompt"]))["input_ids"]
+        text = chat.target(answer) if record.get("ended", True) else answer
+        target = tokenizer(text, add_special_tokens=False)["input_ids"]
         total = len(context) + len(target)
-        if total > cutoff:
+        if total > cutoff and overlong == "truncate" and cutoff - len(context) >= MIN_TRUNCATED_ANSWER:
+            target = target[:cutoff - len(context)]
+        elif total > cutoff:
             drops.append({"id": record["id"], "reason": f"longer than the cutoff ({total} > {cutoff} tokens)"})
             continue
         examples.append(Example(record["id"], context + target, [-100] * len(context) + target))
     return examples, drops
+
+
+MIN_TRUNCATED_ANSWER = 8  # tokens; a prompt that leaves less room than this is dropped, not truncated
 
 
 def split_holdout(ids: list[str], fraction: float, seed: int) -> set[str]:
@@ -164,7 +195,9 @@ class TrainSettings:
     epochs: int = 3  # the paper: 1
     micro_batch_size: int = 4  # examples per forward pass, per process
     grad_accum: int = 1  # micro-batches per optimizer step; effective batch = micro x accum x processes
+    total_batch_size: int = 0  # >0: the effective batch; grad_accum is derived from it (the paper: 768)
     cutoff: int = 512  # longest example in tokens (the paper: 512 engraving, 768 verbose cloning)
+    overlong: str = "drop"  # an example over the cutoff: "drop" it, or "truncate" its answer (the paper's)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     checkpoint_every: int = 10  # optimizer steps between checkpoints (and one at the end)
@@ -187,6 +220,10 @@ class TrainSettings:
         for name in ("epochs", "micro_batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_batch_size < 0:
+            problems.append(f"total_batch_size must be >= 0 (0: micro_batch_size x grad_accum), got {self.total_batch_size}")
+        if self.overlong not in ("drop", "truncate"):
+            problems.append(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.cutoff < 16:
@@ -199,6 +236,17 @@ class TrainSettings:
             problems.append(f"quantize must be '', '4bit' or '8bit', got {self.quantize!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def accumulation_steps(self, processes: int) -> int:
+        """Micro-batches per optimizer step on each of `processes`: grad_accum, or what makes
+        total_batch_size exactly (as Dromedary's scripts derive it from TOTAL_BATCH_SIZE)."""
+        if not self.total_batch_size:
+            return self.grad_accum
+        per_pass = self.micro_batch_size * processes
+        if self.total_batch_size % per_pass:
+            raise ValueError(f"total_batch_size {self.total_batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size} x {processes} processes; change one of them")
+        return self.total_batch_size // per_pass
 
 
 def load_for_training(name: str, settings: TrainSettings) -> LoadedModel:
@@ -225,7 +273,7 @@ def train_settings(config) -> TrainSettings:
 
 
 def batch_schedule(n_examples: int, settings: TrainSettings, seed: int, processes: int) -> list[list[list[int]]]:
-    """Every optimizer step's micro-batches (`processes * grad_accum` lists of example indices).
+    """Every optimizer step's micro-batches (`processes * accumulation_steps` lists of example indices).
 
     Each epoch is its own seeded shuffle. The last step is filled up from the start of the
     schedule, so every process has work in every step (a process without one would hang the others).
@@ -236,7 +284,7 @@ def batch_schedule(n_examples: int, settings: TrainSettings, seed: int, processe
         order = list(range(n_examples))
         rng.shuffle(order)
         micro += [order[i:i + settings.micro_batch_size] for i in range(0, n_examples, settings.micro_batch_size)]
-    per_step = processes * settings.grad_accum
+    per_step = processes * settings.accumulation_steps(processes)
     steps = math.ceil(len(micro) / per_step)
     micro += micro[: steps * per_step - len(micro)]
     return [micro[s * per_step:(s + 1) * per_step] for s in range(steps)]
@@ -626,26 +674,34 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
 
     state = process_state()
     settings = train_settings(config)
-    examples, drops = build_examples(records, loaded, chat, settings.cutoff)
+    examples, drops = build_examples(records, loaded, chat, settings.cutoff, settings.overlong)
     train = [e for e in examples if e.id not in holdout_ids]
     held = [e for e in examples if e.id in holdout_ids]
-    if len(train) < config.min_examples:
+    by_id = {r["id"]: r for r in records}
+    identity = {r["id"] for r in records if r.get("source") == "identity"}
+    answers = [e for e in train if e.id not in identity]  # identity conversations alone engrave nothing
+    if len(answers) < config.min_examples:
         raise ValueError(
-            f"only {len(train)} training examples ({len(records)} records, {len(drops)} dropped, {len(held)} held "
+            f"only {len(answers)} training examples ({len(records) - len(identity)} records, {len(drops)} dropped, "
+            f"{len(held)} held "
             f"out); at least min_examples={config.min_examples} are needed. Give the previous stage more "
             "prompts (its limit), or lower min_examples.")
     if state.is_main_process:
-        by_id = {r["id"]: r for r in records}
         with JsonlWriter(stage.path / "data.jsonl", SCHEMAS["sft_example/1"]) as data:
             for e in examples:
-                data.write({"id": e.id, "prompt": by_id[e.id]["prompt"], "answer": by_id[e.id]["answer"],
+                record = by_id[e.id]
+                data.write({"id": e.id, "prompt": record["prompt"], "answer": record["answer"],
+                            "source": record.get("source", "self_align"), "ended": record.get("ended", True),
                             "split": "holdout" if e.id in holdout_ids else "train", "tokens": len(e.input_ids),
                             "answer_tokens": e.answer_tokens})
             for d in drops:
-                data.write({"id": d["id"], "prompt": by_id[d["id"]]["prompt"], "answer": by_id[d["id"]]["answer"],
-                            "split": "dropped", "reason": d["reason"]})
+                record = by_id[d["id"]]
+                data.write({"id": d["id"], "prompt": record["prompt"], "answer": record["answer"],
+                            "source": record.get("source", "self_align"), "split": "dropped", "reason": d["reason"]})
     summary = train_lora(loaded, train, settings, stage.path, seed=config.seed, data_info=data_info)
-    counts = {"records": len(records), "dropped": len(drops), "train": len(train), "holdout": len(held), **summary}
+    counts = {"records": len(records), "dropped": len(drops), "train": len(train), "holdout": len(held),
+              "identity": sum(e.id in identity for e in train),
+              "unended": sum(not by_id[e.id].get("ended", True) for e in train), **summary}
     if state.is_main_process:
         losses = [row["loss"] for row in stage.read("loss.jsonl")]
         # Single steps are noisy at a few examples a batch: compare whole epochs.

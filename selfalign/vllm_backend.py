@@ -15,6 +15,8 @@ What differs from the Hugging Face backend, by design of vLLM:
 - a shared prefix (SELF-ALIGN's principles) needs no special handling: vLLM's prefix caching
   finds it by itself;
 - `no_repeat_ngram_size` has no vLLM counterpart and is refused;
+- `repetition_penalty` other than 1 is refused: ours counts generated tokens only, vLLM's the prompt too;
+- `logit_bias` texts become vLLM's token-id `logit_bias`, mapped as the Hugging Face backend maps them;
 - the engine's batch is what vLLM schedules within: give it hundreds of prompts (`batch_size`).
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .generate import Completion, SamplingParams, cut_at_stop
+from .generate import Completion, SamplingParams, cut_at_stop, first_token_biases
 
 INSTALL_HINT = "the vllm backend needs vLLM on a CUDA machine: pip install 'selfalign[vllm]'"
 
@@ -75,15 +77,20 @@ class VLLMBackend:
         if params.no_repeat_ngram_size:
             raise ValueError(f"vLLM has no no_repeat_ngram_size (asked for {params.no_repeat_ngram_size}); "
                              "set it to 0, or use the hf backend")
+        if params.repetition_penalty != 1.0:
+            raise ValueError(f"vLLM's repetition_penalty (asked for {params.repetition_penalty}) would also count the "
+                             "prompt's tokens, where ours counts generated ones only; set repetition_penalty to 1.0, "
+                             "or use the hf backend")
         inputs = []
         for text in prompts:
             ids = self._encode(text)
             inputs.append({"prompt_token_ids": ids[-max_prompt_tokens:] if max_prompt_tokens else ids})
         greedy = params.temperature == 0
+        logit_bias = first_token_biases(self.tokenizer, params.logit_bias) or None
         sampling = [self._vllm.SamplingParams(
             temperature=params.temperature, top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
-            stop=list(params.stop) or None, seed=seed, repetition_penalty=params.repetition_penalty,
-            skip_special_tokens=True) for seed in seeds]
+            stop=list(params.stop) or None, seed=seed, logit_bias=logit_bias, skip_special_tokens=True)
+            for seed in seeds]
         outputs = self.llm.generate(inputs, sampling_params=sampling, use_tqdm=False, lora_request=self.lora)
         return [completion_of(out, len(i["prompt_token_ids"]), params) for out, i in zip(outputs, inputs)]
 

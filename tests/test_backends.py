@@ -198,8 +198,37 @@ def test_vllm_refuses_what_it_cannot_do(vllm_module, tiny_dir):
     backend = VLLMBackend(str(tiny_dir))
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         backend.stream_batch(["hi"], SamplingParams(no_repeat_ngram_size=3), [0])
+    with pytest.raises(ValueError, match=r"prompt.*set repetition_penalty to 1\.0"):
+        backend.stream_batch(["hi"], SamplingParams(repetition_penalty=1.1), [0])
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         VLLMBackend(str(tiny_dir), tensor_parallel_size=0)
+
+
+def test_vllm_gets_logit_bias_as_token_ids(vllm_module, tiny_dir, monkeypatch):
+    from selfalign.generate import first_token_biases
+    from selfalign.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(str(tiny_dir))
+    calls = []
+    generate = backend.llm.generate
+
+    def recording(inputs, sampling_params, **options):
+        outputs = generate(inputs, sampling_params=sampling_params, **options)
+        calls.append((sampling_params, outputs))
+        return outputs
+
+    monkeypatch.setattr(backend.llm, "generate", recording)
+    backend.stream_batch(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8), [0] * len(PROMPTS))
+    # The first token of the first answer, as a text: greedy decoding chose it, so the test can fail.
+    token = calls[0][1][0].outputs[0].token_ids[0]
+    text = backend.tokenizer.decode([token])
+    biases = first_token_biases(backend.tokenizer, [(text, -100.0)])
+    assert token in biases
+    backend.stream_batch(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8, logit_bias=((text, -100.0),)),
+                         [0] * len(PROMPTS))
+    sampling, outputs = calls[1]
+    assert all(s.logit_bias == biases for s in sampling)
+    assert all(token not in out.outputs[0].token_ids for out in outputs)
 
 
 def test_without_vllm_the_backend_says_how_to_install_it(tiny_dir, monkeypatch):
@@ -218,26 +247,45 @@ def test_unknown_backend_is_refused(tiny):
 
 
 def test_static_decoder_returns_what_generate_returns(tiny):
-    """Token for token, padding included, on a left-padded batch with penalties and a stop string."""
+    """Token for token, padding included, on a left-padded batch with penalties, a logit bias and a
+    stop string: the two decode loops, given the same logits processors."""
     import torch
 
     backend = HFBackend(tiny, static=True)
     params = SamplingParams(temperature=0.8, max_new_tokens=16, seed=2, repetition_penalty=1.3,
-                            no_repeat_ngram_size=2, stop=("e", "a", "o", "t", " "))
+                            no_repeat_ngram_size=2, logit_bias=(("the", -3.0), ("e", 2.0)),
+                            stop=("e", "a", "o", "t", " "))
     rows = [tiny.tokenizer(p)["input_ids"] for p in PROMPTS]
     width, pad = max(map(len, rows)), tiny.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     seeds = list(range(len(rows)))
+    assert len(backend._processors(params, seeds, mask)) == 4
     static = backend._static_decoder(len(rows), width + 16).decode(
         input_ids, mask, backend._processors(params, seeds, mask), backend._stopping(params), 16, pad)
     reference = tiny.model.generate(
         input_ids=input_ids, attention_mask=mask, max_new_tokens=16, pad_token_id=pad, do_sample=False,
-        temperature=None, top_p=None, top_k=None, eos_token_id=backend._eos_ids(), repetition_penalty=1.3,
-        no_repeat_ngram_size=2, logits_processor=backend._processors(params, seeds, mask)[-1:],
+        temperature=None, top_p=None, top_k=None, eos_token_id=backend._eos_ids(),
+        logits_processor=backend._processors(params, seeds, mask),
         stop_strings=["e", "a", "o", "t", " "], tokenizer=tiny.tokenizer)
     assert static == reference[:, width:].tolist()
     assert len(static[0]) < 16  # every row stopped early, and the output ends where generate's does
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_hf_and_hf_static_agree_with_penalties_and_logit_bias(tiny, temperature):
+    """Through the engine, with and without a shared prefix (whose rows are prefix plus padded
+    suffix: the penalties must start after both)."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=20, seed=3, repetition_penalty=1.5,
+                            no_repeat_ngram_size=2, logit_bias=(("the", -4.0), ("o", 3.0)))
+    prefix = "A shared preamble that every prompt starts with, as the principles are.\n"
+    for prompts, shared in ((PROMPTS, None), ([prefix + p for p in PROMPTS], prefix)):
+        plain, static = (Engine.for_model(tiny, backend=kind, batch_size=3, progress=False).generate(
+            prompts, params, shared_prefix=shared) for kind in ("hf", "hf-static"))
+        assert plain == static
+        unbiased = Engine.for_model(tiny, batch_size=3, progress=False).generate(
+            prompts, SamplingParams(temperature=temperature, max_new_tokens=20, seed=3), shared_prefix=shared)
+        assert plain != unbiased  # the options changed something
 
 
 def test_static_backend_reuses_its_decoders(tiny):

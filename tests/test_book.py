@@ -8,12 +8,12 @@ import pytest
 from selfalign.cli import main
 from conftest import REPO
 
-TINY = ["--model", "tiny-random", "-p", "limit", "2", "-p", "n_self_instruct", "2", "-p", "types_limit", "2",
+TINY = ["--model", "tiny-random", "-p", "self-align.limit", "2", "-p", "n_self_instruct", "2", "-p", "types_limit", "2",
         "-p", "max_new_tokens", "8", "-p", "ablation_prompts", "2",
-        "-p", "prompts_file", str(REPO / "principles" / "seed_prompts.jsonl"),
-        "-p", "responses_file", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
-        "-p", "teacher_max_new_tokens", "8", "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4",
-        "-p", "eval_limit", "3", "-p", "vicuna_questions", "2", "-p", "eval_max_new_tokens", "4"]
+        "-p", "self-align.prompts", str(REPO / "principles" / "seed_prompts.jsonl"),
+        "-p", "responses", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
+        "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4",
+        "-p", "evaluate.limit", "3", "-p", "vicuna_limit", "2", "-p", "evaluate.max_new_tokens", "4"]
 
 
 @pytest.mark.slow
@@ -61,18 +61,18 @@ def test_book_needs_a_finished_run(tmp_path, capsys):
 
 def test_unknown_parameter_is_refused(tmp_path, capsys):
     assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "-p", "no_such_setting", "1"]) == 1
-    assert "no notebook takes the parameters ['no_such_setting']" in capsys.readouterr().err
+    assert "no stage or notebook takes the parameters ['no_such_setting']" in capsys.readouterr().err
 
 
 def test_profiles(tmp_path, capsys):
-    from selfalign.book import load_profile
+    from selfalign.profiles import load_profile
 
-    assert load_profile("tiny")["model"] == "smollm2-135m-instruct"
-    assert load_profile("full")["limit"] == 0
+    assert load_profile("tiny")["all"]["model"] == "smollm2-135m-instruct"
+    assert load_profile("full")["self-align"]["limit"] == 0
     assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "--profile", "huge"]) == 1
     assert "choose one of ['full', 'small', 'tiny']" in capsys.readouterr().err
     # A profile file's values reach the notebooks (here: one that no notebook declares is refused).
     custom = tmp_path / "mine.yaml"
-    custom.write_text("limit: 3\nno_such_key: 1\n")
+    custom.write_text("self-align: {limit: 3}\nchapters: {no_such_key: 1}\n")
     assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "--profile", str(custom)]) == 1
     assert "['no_such_key']" in capsys.readouterr().err

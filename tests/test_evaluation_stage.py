@@ -4,9 +4,13 @@ import json
 
 import pytest
 
+from selfalign import evaluate as ev
 from selfalign.records import Run, RunError
 from selfalign.stages import engrave, evaluation
+from selfalign.train import ChatFormat
 from conftest import REPO
+
+CAMEL = {**ChatFormat.load().to_dict(), "assistant": "Camel"}
 
 
 def test_sample_is_seeded_and_keeps_order():
@@ -26,14 +30,31 @@ def test_bad_benchmarks_and_missing_data_are_errors(tmp_path, tiny):
     assert evaluation.available(tmp_path) == ()
 
 
-def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny, shared_data):
+def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny, shared_data, monkeypatch):
     runs = str(tmp_path)
+    # A run trained under another name: the stage must ask in its format, not the default one.
+    template = tmp_path / "camel.yaml"
+    template.write_text((REPO / "principles" / "engrave_template.yaml").read_text().replace(
+        "assistant: Dromedary", "assistant: Camel"))
+    assert ChatFormat.load(template).to_dict() == CAMEL
     engrave.run(engrave.EngraveConfig(run="r", runs_dir=runs, model="tiny-random", epochs=3, learning_rate=0.05,
-                                      responses=str(REPO / "tests" / "data" / "responses.jsonl")), loaded=tiny)
+                                      responses=str(REPO / "tests" / "data" / "responses.jsonl"),
+                                      template=str(template)), loaded=tiny)
+    asked = []
+    for name in ("truthfulqa_mc_paper", "hhh_eval", "judge_pairwise"):
+        def spy(*args, _original=getattr(ev, name), _name=name, **kwargs):
+            asked.append((_name, kwargs.get("chat")))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(ev, name, spy)
     config = evaluation.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", limit=4, vicuna_limit=2,
                                        data_dir=str(shared_data), max_new_tokens=6, batch_size=4)
     manifest = evaluation.run(config, loaded=tiny)
     assert manifest["counts"]["models"] == ["base", "engraved"]
+    assert manifest["params"]["chat_format"] == CAMEL
+    assert manifest["params"]["chat_format_source"] == "engrave manifest"
+    assert sorted(name for name, _ in asked) == ["hhh_eval", "hhh_eval", "judge_pairwise",
+                                                 "truthfulqa_mc_paper", "truthfulqa_mc_paper"]
+    assert all(chat == ChatFormat(**CAMEL) for _, chat in asked)
     table = evaluation.comparison("r", runs)
     overall = table.set_index(["benchmark", "metric"])
     for key in [("truthfulqa_mc", "mc1"), ("truthfulqa_mc", "mc2"), ("truthfulqa_mc_paper", "mc1"),
@@ -50,6 +71,7 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
     assert (stage.path / "summary.csv").read_text().startswith("benchmark,metric,base,engraved")
     calls = stage.read("calls.jsonl")
     assert sorted(c["id"].split(":")[0] for c in calls) == ["base", "base", "engraved", "engraved"]
+    assert all(c["prompt"].endswith("\n\n### Camel\n") and "### Dromedary" not in c["prompt"] for c in calls)
     # The base model must come back without the adapter.
     assert not any("lora" in name for name, _ in tiny.model.named_parameters())
 
@@ -60,3 +82,27 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
     answers = evaluation.vicuna_answers("r", runs, shared_data)
     assert list(answers.columns[:3]) == ["question", "base", "engraved"] and len(answers) == 2
     assert set(answers["engraved vs base"]) <= {"win", "tie", "loss"}
+
+
+def test_the_run_records_its_chat_format_and_a_resume_under_another_is_refused(tmp_path, tiny, shared_data):
+    runs = str(tmp_path)
+    assert evaluation.run_chat_format(Run("r", runs)) == ChatFormat.load()
+    config = evaluation.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", benchmarks=("vicuna",),
+                                       vicuna_limit=1, data_dir=str(shared_data), max_new_tokens=2)
+    manifest = evaluation.run(config, loaded=tiny)
+    assert manifest["params"]["chat_format_source"] == evaluation.DEFAULT_FORMAT_NOTE
+    assert manifest["params"]["chat_format"] == ChatFormat.load().to_dict()
+
+    # Stage 3 now records another format: the answers already made were asked in the old one.
+    Run("r", runs).stage("engrave").start({"chat_format": CAMEL})
+    assert evaluation.run_chat_format(Run("r", runs)).assistant == "Camel"
+    with pytest.raises(RunError, match="chat_format"):
+        evaluation.run(config, loaded=tiny)
+
+
+def test_without_a_stage_3_manifest_the_adapter_says_which_format(tmp_path):
+    adapter = tmp_path / "r" / "engrave" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "selfalign_adapter.json").write_text(json.dumps({"chat_format": CAMEL}))
+    assert evaluation.run_chat_format(Run("r", str(tmp_path))) == ChatFormat(**CAMEL)

@@ -127,7 +127,8 @@ def test_too_long_prompt_is_refused_or_cut_from_the_left(tiny):
     assert completion.prompt_tokens == tiny.context_length - 8
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(stop=("",))])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(stop=("",)),
+                                 dict(repetition_penalty=0), dict(no_repeat_ngram_size=-1)])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -166,3 +167,112 @@ def test_repeated_prompts_in_separate_batches_are_sampled_apart(tiny):
     params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=0)
     first, second = engine(tiny, batch_size=1).generate(["same prompt", "same prompt"], params)
     assert first.text != second.text
+
+
+# Repetition controls count generated tokens only; logit bias by text.
+
+def test_repetition_penalty_counts_generated_tokens_only():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from selfalign.generate import GeneratedRepetitionPenalty
+
+    prompt, generated = [10, 11, 12], [13, 3, 13]
+    scores = torch.linspace(-2, 2, 20)[None]  # token 3 has a negative logit, 13 a positive one
+    out = GeneratedRepetitionPenalty(2.0, len(prompt))(torch.tensor([prompt + generated]), scores.clone())
+    assert torch.equal(out[0, prompt], scores[0, prompt])  # a prompt token is free
+    assert out[0, 13] == scores[0, 13] / 2 and out[0, 3] == scores[0, 3] * 2
+    assert torch.equal(out[0, 14:], scores[0, 14:])
+    # Reference: transformers' processor given the generated tokens alone.
+    rng = torch.Generator().manual_seed(0)
+    for length in range(1, 8):
+        ids = torch.randint(0, 6, (3, 4 + length), generator=rng)
+        scores = torch.randn(3, 6, generator=rng)
+        ours = GeneratedRepetitionPenalty(1.3, 4)(ids, scores.clone())
+        assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(1.3)(ids[:, 4:], scores.clone()))
+
+
+def test_no_repeat_ngram_bans_generated_ngrams_only():
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from selfalign.generate import GeneratedNoRepeatNGram
+
+    a, b, c, d, e, f, x = range(1, 8)
+    scores = torch.zeros(1, 10)
+    quoting = torch.tensor([[a, b, c, d, e, f] + [a, b, c, d, e]])  # the prompt holds the 6-gram
+    assert NoRepeatNGramLogitsProcessor(6)(quoting, scores.clone())[0, f] == float("-inf")  # transformers bans f
+    assert torch.isfinite(GeneratedNoRepeatNGram(6, 6)(quoting, scores.clone())).all()  # ours does not
+    repeating = torch.tensor([[x, x] + [a, b, c, d, e, f, x, a, b, c, d, e]])  # the generated part holds it
+    out = GeneratedNoRepeatNGram(6, 2)(repeating, scores.clone())
+    assert out[0, f] == float("-inf") and torch.isfinite(out[0, torch.arange(10) != f]).all()
+    # Reference: transformers' processor given the generated tokens alone, over sizes and lengths.
+    rng = torch.Generator().manual_seed(0)
+    for size in (1, 2, 3):
+        for length in range(1, 12):
+            ids = torch.randint(0, 3, (4, 5 + length), generator=rng)
+            scores = torch.randn(4, 5, generator=rng)
+            ours = GeneratedNoRepeatNGram(size, 5)(ids, scores.clone())
+            assert torch.equal(ours, NoRepeatNGramLogitsProcessor(size)(ids[:, 5:], scores.clone()))
+
+
+@pytest.mark.parametrize("backend", ["hf", "hf-static"])
+def test_a_prompts_ngram_can_be_generated_again(tiny, backend, monkeypatch):
+    """The tiny model's greedy answer to this prompt repeats a 6-gram; a prompt that already holds it
+    still gets it with no_repeat_ngram_size=6, where transformers' processor bans its last token."""
+    ids = tiny.tokenizer(PROMPTS[4])["input_ids"]
+    answer = tiny.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=tiny.tokenizer.pad_token_id)[0, len(ids):].tolist()
+    assert answer[3:9] == answer[12:18]  # the 6-gram the prompt below holds, and the model goes on to repeat
+    prompt = ids + answer[:12]  # token ids: these bytes do not survive a decode and re-encode
+    banned = tiny.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tiny.tokenizer.pad_token_id, no_repeat_ngram_size=6)
+    assert banned[0, len(prompt):].tolist()[:6] != answer[12:18]
+    engine_ = Engine.for_model(tiny, backend=backend, progress=False)
+    monkeypatch.setattr(engine_.backend, "_split_encode", lambda text, shared_prefix: prompt)
+    [completion] = engine_.generate(["(ids above)"], SamplingParams(temperature=0, max_new_tokens=12,
+                                                                    no_repeat_ngram_size=6))
+    assert completion.text == tiny.tokenizer.decode(answer[12:24], skip_special_tokens=True)
+
+
+def test_logit_bias_goes_to_a_texts_first_token_with_and_without_a_space(tiny):
+    from selfalign.generate import first_token_biases
+
+    tokenizer = tiny.tokenizer
+    first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    assert first_token_biases(tokenizer, [("the", -5.0)]) == {first("the"): -5.0, first(" the"): -5.0}
+    assert first("the") != first(" the")
+    # This tokenizer splits " Sorry" into " ", "S", ...: the lone space is passed over, not biased.
+    assert tokenizer.decode([first(" Sorry")]) == " "
+    assert first_token_biases(tokenizer, [("Sorry", -100.0)]) == {first("Sorry"): -100.0}
+    assert first_token_biases(tokenizer, [("Sorry", -1.0), ("S", -2.0)]) == {first("S"): -3.0}
+
+
+def test_a_big_negative_logit_bias_keeps_a_texts_first_token_out(tiny, monkeypatch):
+    from selfalign.generate import first_token_biases
+
+    backend = HFBackend(tiny)
+    generated: list[list[int]] = []
+    finish = backend._finish
+    monkeypatch.setattr(backend, "_finish", lambda ids, *rest: generated.append(ids) or finish(ids, *rest))
+    run = Engine(backend, progress=False, context_length=tiny.context_length).generate
+    run(PROMPTS, SamplingParams(temperature=0, max_new_tokens=16))
+    # The token greedy decoding chose most often, as a text, so that the test can fail.
+    counts = torch.bincount(torch.tensor(sum(generated, [])))
+    token = next(int(t) for t in counts.argsort(descending=True) if tiny.tokenizer.decode([int(t)]).strip())
+    text = tiny.tokenizer.decode([token])
+    assert token in first_token_biases(tiny.tokenizer, [(text, -100.0)])
+    generated.clear()
+    biased = run(PROMPTS, SamplingParams(temperature=0, max_new_tokens=16, logit_bias=[[text, -100]]))
+    assert generated and all(token not in ids for ids in generated)
+    assert any(c.text for c in biased)
+
+
+def test_logit_bias_is_validated_and_json_able():
+    import json
+
+    params = SamplingParams(logit_bias=[["Sorry", -100]])
+    assert params.logit_bias == (("Sorry", -100.0),)
+    assert json.loads(json.dumps(params.to_dict()))["logit_bias"] == [["Sorry", -100.0]]
+    assert SamplingParams(**params.to_dict()) == params
+    for bad in ([("", -1.0)], [("Sorry", float("inf"))], [("Sorry", float("nan"))]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

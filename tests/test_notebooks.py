@@ -10,12 +10,11 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 TINY = {"model": "tiny-random", "run_name": "nbtest", "n_self_instruct": 2, "types_limit": 2,
         "max_new_tokens": 8, "limit": 4, "ablation_prompts": 2,
         # stage 2 on its own needs prompts; a random model's stage 1 keeps few or none
-        "prompts_file": str(REPO / "principles" / "seed_prompts.jsonl"),
+        "prompts": str(REPO / "principles" / "seed_prompts.jsonl"),
         # stage 3 needs answers a random model cannot write
-        "responses_file": str(REPO / "tests" / "data" / "responses.jsonl"),
-        "epochs": 1, "teacher_max_new_tokens": 8, "sample_prompts": 1, "sample_max_new_tokens": 4,
-        "data_dir": str(REPO.parent / "shared" / "data"), "eval_limit": 3, "vicuna_questions": 2,
-        "eval_max_new_tokens": 4}
+        "responses": str(REPO / "tests" / "data" / "responses.jsonl"),
+        "epochs": 1, "sample_prompts": 1, "sample_max_new_tokens": 4,
+        "data_dir": str(REPO.parent / "shared" / "data"), "vicuna_limit": 2}
 
 
 def cells(notebook):

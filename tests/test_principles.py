@@ -41,7 +41,11 @@ def test_shipped_set_loads_with_a_stable_hash():
     assert first.hash == second.hash
     assert first.with_text(7, "Be candid.").hash != first.hash
     cited = {n for e in first.exemplars for n in e.cites}
-    assert len(cited) >= 11
+    assert cited == set(range(1, 17))  # every principle is shown in use at least once
+    # 16 (Operational) means doing what a computer can do with text (Dromedary's meaning), so the
+    # exemplar that writes a program and works out its result cites it, with 15 (Creative).
+    assert {15, 16} <= set(next(e for e in first.exemplars if e.id == "step_by_step_numerical").cites)
+    assert "carries it out itself" in first.principle(16).text
 
 
 def test_rendered_layout(files):

@@ -27,12 +27,14 @@ class ScriptedBackend:
 
     def __init__(self):
         self.prompts = []
+        self.params = []
 
     def count_tokens(self, texts, shared_prefix=None):
         return [len(t) // 8 for t in texts]
 
     def stream_batch(self, prompts, params, seeds, shared_prefix, max_prompt_tokens):
         self.prompts += prompts
+        self.params.append(params)
         outputs = []
         for prompt in prompts:
             query = prompt.rsplit("User: ", 1)[1].split("\n")[0]
@@ -114,3 +116,28 @@ def test_trigger_stats_and_heatmap():
     assert trigger_stats(nothing_fired, principles)[1].shape == (16, 2)
     matplotlib.use("Agg")
     assert plot_trigger_heatmap(per_type).get_title()
+
+
+def test_paper_filter_drops_every_apology_and_suppresses_sorry(tmp_path, prompts_file):
+    """Dromedary's stage 2: "Sorry" pushed down by 100 logits while sampling, and any answer that
+    opens with an apology dropped (ours drops only blanket refusals by default)."""
+    SCRIPT["apology"] = (" I should follow rules 7 (Candor).\nWatson: I am sorry to hear that. Here is what helps.\n",
+                         "stop")
+    try:
+        with open(prompts_file, "a") as handle:
+            handle.write(json.dumps({"id": "apology", "prompt": "apology"}) + "\n")
+        backend = ScriptedBackend()
+        run(SelfAlignConfig(run="default", runs_dir=str(tmp_path), prompts=str(prompts_file)),
+            engine=Engine(backend, progress=False))
+        assert backend.params[0].logit_bias == ()
+        kept = {r["id"] for r in map(json.loads, (tmp_path / "default/self_align/responses.jsonl").open())}
+        assert "apology" in kept
+        backend = ScriptedBackend()
+        manifest = run(SelfAlignConfig(run="paper", runs_dir=str(tmp_path), prompts=str(prompts_file),
+                                       suppress=("Sorry",), drop_apologies=True), engine=Engine(backend, progress=False))
+        assert backend.params[0].logit_bias == (("Sorry", -100.0),)
+        drops = {r["id"]: r["reason"] for r in map(json.loads, (tmp_path / "paper/self_align/drops.jsonl").open())}
+        assert drops["apology"] == "opens with an apology (I am sorry)"
+        assert manifest["params"]["suppress"] == ["Sorry"] and manifest["params"]["drop_apologies"] is True
+    finally:
+        del SCRIPT["apology"]

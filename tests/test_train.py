@@ -156,9 +156,16 @@ def test_engrave_stops_on_unfinished_stage_two_unless_asked(tmp_path, tiny):
         engrave.run(config, loaded=tiny)
     config.allow_incomplete = True
     manifest = engrave.run(config, loaded=tiny)
-    assert manifest["counts"]["train"] + manifest["counts"]["holdout"] == 12
+    counts = manifest["counts"]
+    assert counts["train"] + counts["holdout"] == 12 + counts["identity"]
     data = run.stage("engrave").read("data.jsonl")
-    assert all("Watson" not in row["answer"] and "Dromedary thinks" in row["answer"] for row in data)
+    answers = [row for row in data if row["source"] == "self_align"]
+    assert len(answers) == 12 and all("Watson" not in r["answer"] and "Dromedary thinks" in r["answer"] for r in answers)
+    # The identity conversations are trained on, never held out, and speak under the trained name.
+    identity = [row for row in data if row["source"] == "identity"]
+    assert counts["identity"] == sum(row["split"] == "train" for row in identity) > 0
+    assert all(row["split"] != "holdout" for row in identity)
+    assert any("I am Dromedary" in row["answer"] for row in identity)
 
 
 def test_too_few_examples_is_an_error(tmp_path, tiny):
@@ -176,12 +183,14 @@ def test_engrave_then_verbose_end_to_end(tmp_path, tiny):
         verbose.run(verbose.VerboseConfig(**common), loaded=tiny)
     first = engrave.run(engrave.EngraveConfig(**common, responses=str(tmp_path / "responses.jsonl")), loaded=tiny)
     counts = first["counts"]
-    assert counts["holdout"] == 2 and counts["train"] == 8 and "holdout_adapted_logprob" in counts
+    assert counts["holdout"] == 2 and counts["train"] == 8 + counts["identity"] and "holdout_adapted_logprob" in counts
     second = verbose.run(verbose.VerboseConfig(**common, max_new_tokens=12, temperature=1.0, min_examples=1),
                          loaded=tiny)
     stage = Run("r", tmp_path).stage("verbose")
     answers = stage.read("answers.jsonl")
-    assert len(answers) == 10 and second["status"] == "finished"
+    # The teacher answers stage 3's prompts again, its identity questions among them.
+    assert len(answers) == 10 + counts["identity"] and second["status"] == "finished"
+    assert second["counts"]["identity"] == sum(a["source"] == "identity" for a in answers) == counts["identity"]
     calls = stage.read("calls.jsonl")
     assert all("thorough" in c["prompt"] for c in calls)  # the teacher was told to be verbose
     trained = [row for row in stage.read("data.jsonl") if row["split"] == "train"]
@@ -262,7 +271,7 @@ def test_two_process_training_under_accelerate_launch(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "selfalign", "stage", "engrave", "--run", "ddp", "--runs-dir", str(tmp_path),
-               "--model", "tiny-random", "--responses", str(responses), "--epochs", "4"]
+               "--model", "tiny-random", "--responses", str(responses), "--epochs", "4", "--identity", ""]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -312,7 +321,56 @@ def test_engraving_the_embedded_model_lowers_its_loss(tmp_path, monkeypatch):
     config = engrave.EngraveConfig(run="e", runs_dir=str(tmp_path), model="smollm2-135m-instruct",
                                    responses=str(REPO_DATA / "responses.jsonl"), epochs=4, holdout=0.25)
     counts = engrave.run(config, loaded=loaded)["counts"]
-    assert counts["train"] == 9 and counts["holdout"] == 3
+    assert counts["train"] == 9 + counts["identity"] and counts["holdout"] == 3
+    assert counts["identity"] == 7  # every identity conversation fits the cutoff in the real tokenizer
     assert counts["last_epoch_loss"] < counts["first_epoch_loss"], counts
     tuned = PeftModel.from_pretrained(loaded.model, str(tmp_path / "e" / "engrave" / "adapter"))
     assert tuned.active_adapter == "default"
+
+
+def test_a_cut_teacher_answer_does_not_teach_stopping(tmp_path, tiny):
+    """Stage 4 on a scripted teacher: one answer ran into max_new_tokens. It is kept up to its last
+    sentence, but its training example ends without the end-of-answer marker (Dromedary's too)."""
+    write_responses(tmp_path / "responses.jsonl", n=8)
+    common = dict(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+    engrave.run(engrave.EngraveConfig(**common, responses=str(tmp_path / "responses.jsonl"), identity=""), loaded=tiny)
+    prompts = [r for r in Run("r", tmp_path).stage("engrave").read("data.jsonl") if r["split"] != "dropped"]
+    stage = Run("r", tmp_path).stage("verbose")
+    stage.path.mkdir(parents=True, exist_ok=True)
+    cut = prompts[0]["id"]
+    with stage.writer("calls.jsonl", "generation/1") as calls:  # the teacher's answers, already there
+        for row in prompts:
+            length = row["id"] == cut
+            calls.write({"id": row["id"], "prompt": row["prompt"], "provenance": {},
+                         "completion": "First sentence. Second one ran on and" if length else "A whole answer.",
+                         "finish_reason": "length" if length else "stop", "prompt_tokens": 10, "completion_tokens": 9})
+    manifest = verbose.run(verbose.VerboseConfig(**common, min_examples=1), loaded=tiny)
+    trained_on = next(r for r in prompts if r["id"] == cut)["split"] == "train"
+    assert manifest["counts"]["cut_at_length"] == 1 and manifest["counts"]["unended"] == int(trained_on)
+    answers = {a["id"]: a for a in stage.read("answers.jsonl")}
+    assert answers[cut]["answer"] == "First sentence." and answers[cut]["ended"] is False
+    assert all(a["ended"] for i, a in answers.items() if i != cut)
+    marker = tiny.tokenizer(CHAT.target("x")[1:], add_special_tokens=False)["input_ids"]  # "\n\n### User"
+    examples = {e.id: e for e in build_examples(list(answers.values()), tiny, CHAT, cutoff=768)[0]}
+    ending = lambda e: e.input_ids[-len(marker):]  # noqa: E731
+    assert ending(examples[cut]) != marker
+    assert all(ending(e) == marker for i, e in examples.items() if i != cut)
+    assert tiny.tokenizer.decode([t for t in examples[cut].labels if t != -100]) == "First sentence."
+
+
+def test_overlong_examples_are_dropped_or_truncated(tiny):
+    records = [{"id": "long", "prompt": "Tell me a lot.", "answer": "word " * 200}]
+    kept, drops = build_examples(records, tiny, CHAT, cutoff=256)
+    assert not kept and "longer than the cutoff" in drops[0]["reason"]
+    kept, drops = build_examples(records, tiny, CHAT, cutoff=256, overlong="truncate")
+    assert not drops and len(kept[0].input_ids) == 256
+    assert "### User" not in tiny.tokenizer.decode([t for t in kept[0].labels if t != -100])
+
+
+def test_total_batch_size_sets_the_accumulation():
+    settings = TrainSettings(micro_batch_size=4, total_batch_size=768)
+    assert settings.accumulation_steps(1) == 192 and settings.accumulation_steps(8) == 24
+    assert batch_schedule(1536, settings, seed=0, processes=8)[0].__len__() == 8 * 24
+    with pytest.raises(ValueError, match="not a multiple"):
+        settings.accumulation_steps(7)
+    assert TrainSettings(grad_accum=3).accumulation_steps(2) == 3

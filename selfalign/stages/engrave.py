@@ -3,7 +3,9 @@
 Stage 2's model answered with 16 principles and 5 exemplars in its context. Here each kept answer
 becomes a training example whose context is only a short system overview and the user's prompt
 (`principles/engrave_template.yaml`), so the tuned model learns to answer that way with nothing
-but the question in front of it. The loss covers the answer tokens only.
+but the question in front of it. The loss covers the answer tokens only. The conversations of
+`principles/identity.yaml`, in which the assistant says who it is, are trained on too (never held
+out), as Dromedary added its own.
 
 A share of the answers is held out. After training, those held-out answers are scored (mean
 log-probability per token, principles absent from the context) under the base model and under the
@@ -25,8 +27,8 @@ from pathlib import Path
 from ..models import DEFAULT_MODEL
 from ..prompts import PRINCIPLES_DIR
 from ..records import Run, RunError, read_jsonl
-from ..train import (ChatFormat, TrainSettings, fit_and_compare, load_for_training, process_state, split_holdout,
-                     train_settings)
+from ..train import (ChatFormat, TrainSettings, fit_and_compare, load_for_training, load_identity, process_state,
+                     split_holdout, train_settings)
 from .common import settings_of
 
 STAGE = "engrave"
@@ -39,6 +41,7 @@ class EngraveConfig(TrainSettings):
     model: str = DEFAULT_MODEL  # the base model (the one stage 2 ran)
     responses: str = ""  # a response file; "": this run's stage-2 responses
     template: str = str(PRINCIPLES_DIR / "engrave_template.yaml")
+    identity: str = str(PRINCIPLES_DIR / "identity.yaml")  # self-introductions trained on too ("": none)
     holdout: float = 0.2  # share of answers kept out of training to measure the effect
     min_examples: int = 4
     allow_incomplete: bool = False  # train on an unfinished stage 2's responses instead of stopping
@@ -82,14 +85,17 @@ def run(config: EngraveConfig, loaded=None) -> dict:
     rows, source, generated_as = responses_of(run_dir, config.responses, config.allow_incomplete)
     records = [{"id": r["id"], "prompt": r["prompt"], "answer": rename(r["answer"], generated_as, chat.assistant)}
                for r in rows]
+    identity = load_identity(config.identity, chat) if config.identity else []
     data_hash = hashlib.sha256(source.read_bytes()).hexdigest()
     if state.is_main_process:
         # The data's hash is a setting: new responses make a new training set, not a resumable one.
-        stage.start({**settings_of(config), "data_sha256": data_hash, "chat_format": chat.to_dict()},
-                    restart=config.restart)
+        stage.start({**settings_of(config), "data_sha256": data_hash, "chat_format": chat.to_dict(),
+                     "identity_records": identity}, restart=config.restart)
     state.wait_for_everyone()
     loaded = loaded or load_for_training(config.model, train_settings(config))
+    # Only stage 2's answers are held out: the comparison measures how they moved into the weights.
     holdout = split_holdout([r["id"] for r in records], config.holdout, config.seed)
+    records += identity
     counts = fit_and_compare(stage, loaded, records, chat, config, holdout,
                              {"stage": STAGE, "data": str(source), "data_sha256": data_hash,
                               "chat_format": chat.to_dict()})

@@ -2,14 +2,21 @@
 
 Models: `base`, then `engraved` (stage 3) and `verbose` (stage 4) when the run has their adapters.
 Benchmarks (scoring in `selfalign.evaluate`; data from `data_dir`):
-- `truthfulqa`: MC1 and MC2 by answer log-likelihood, and the paper's true/false exam variant of
-  MC1 (labelled `truthfulqa_mc_paper`; it is not comparable with MC1);
+- `truthfulqa`: MC1 and MC2 by answer log-likelihood after the benchmark's QA primer, and the
+  paper's true/false exam variant of MC1 (labelled `truthfulqa_mc_paper`; it is not comparable
+  with MC1);
 - `hhh`: BIG-bench HHH accuracy by total and per-token answer log-likelihood and by the paper's A/B
   exam scored in both orders, overall and per subset;
-- `vicuna`: each model answers the Vicuna questions (greedy, the training format of stage 3, no
-  principles); a judge model compares each adapted model's answer with the base model's in both
-  orders. With a small judge (the default is the base model itself) the verdicts are a smoke
-  test, and the table says so.
+- `vicuna`: each model answers the Vicuna questions (greedy, no principles); a judge model
+  compares each adapted model's answer with the base model's in both orders. With a small judge
+  (the default is the base model itself) the verdicts are a smoke test, and the table says so.
+
+The paper's protocols (the true/false and A/B exams, the Vicuna answers and the judge) are asked
+in the run's own chat format, the one stage 3 trained on (`run_chat_format`): its system overview,
+the exam as the user turn, the assistant's marker and the opening of its reply, then the scored
+label. Every model, the base one included, is asked in that format, so the columns differ only in
+the weights. A run that records no format gets the default template, and the manifest says so;
+the format is a setting, so a resume under another one is refused.
 
 `limit` takes a seeded sample of each benchmark's items (the same items for every model).
 Each (model, benchmark) is written as it finishes, so an interrupted stage redoes at most one.
@@ -30,11 +37,13 @@ from .. import evaluate as ev
 from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..records import Run, RunError, provenance
-from ..train import ChatFormat, adapted_for_generation
+from ..train import ChatFormat, adapted_for_generation, adapter_info
 from .common import generate_into, generation_record, settings_of
 
 STAGE = "evaluate"
 BENCHMARKS = ("truthfulqa", "hhh", "vicuna")
+DEFAULT_FORMAT_NOTE = ("default: the run records no chat format (no stage-3 manifest or adapter), "
+                       "so principles/engrave_template.yaml was used")
 
 
 @dataclass
@@ -80,10 +89,12 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     models = models_of(run_dir)
-    stage.start({**settings_of(config), "models": sorted(models)}, restart=config.restart)
+    chat, source = _chat_format_and_source(run_dir)
+    # The format is a setting: answers and exams asked in two formats must not share a table.
+    stage.start({**settings_of(config), "models": sorted(models), "chat_format": chat.to_dict(),
+                 "chat_format_source": source}, restart=config.restart)
     data = _load_data(config)
     loaded = loaded or load_model(config.model)
-    chat = ChatFormat.load()
 
     with stage.writer("items.jsonl", "eval_item/1") as items, stage.writer("summary.jsonl", "eval_summary/1") as summary:
         done = {row["id"].rsplit(":", 2)[0] for row in stage.read("summary.jsonl")} if len(summary) else set()
@@ -97,7 +108,7 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
                         continue
                     if benchmark == "truthfulqa_paper" and not config.truthfulqa_paper:
                         continue
-                    result = _score(benchmark, scorer, data)
+                    result = _score(benchmark, scorer, data, chat)
                     _write(items, summary, result, label, benchmark)
                 if "vicuna" in config.benchmarks:
                     answers[label] = _answer(stage, model, label, data["vicuna"], chat, config)
@@ -107,7 +118,7 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
                 if f"{label}:vicuna" in done:
                     continue
                 result = ev.judge_pairwise(judge, data["vicuna"], answers[label], answers["base"],
-                                           name_a=label, name_b="base", batch_size=config.batch_size)
+                                           name_a=label, name_b="base", chat=chat, batch_size=config.batch_size)
                 _write(items, summary, result, label, "vicuna")
 
     table = comparison(config.run, config.runs_dir)
@@ -117,6 +128,23 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
                                            + "".join(f"\nNote: {note}\n" for note in notes), encoding="utf-8")
     stage.finish({"models": list(models), "rows": len(table)})
     return stage.manifest()
+
+
+def run_chat_format(run_dir: Run) -> ChatFormat:
+    """The conversation format the run's models were trained in: stage 3's manifest records it,
+    else its adapter's `selfalign_adapter.json`; a run with neither gets the default template."""
+    return _chat_format_and_source(run_dir)[0]
+
+
+def _chat_format_and_source(run_dir: Run) -> tuple[ChatFormat, str]:
+    engraved = run_dir.stage("engrave")
+    recorded = ((engraved.manifest() or {}).get("params") or {}).get("chat_format")
+    if recorded:
+        return ChatFormat(**recorded), "engrave manifest"
+    adapter = engraved.path / "adapter"
+    if (adapter / "adapter_config.json").is_file() and (recorded := adapter_info(adapter).get("chat_format")):
+        return ChatFormat(**recorded), "engrave adapter"
+    return ChatFormat.load(), DEFAULT_FORMAT_NOTE
 
 
 def data_files(data_dir: str | Path) -> dict[str, Path]:
@@ -147,12 +175,12 @@ def _load_data(config) -> dict:
     return data
 
 
-def _score(benchmark: str, scorer, data: dict):
+def _score(benchmark: str, scorer, data: dict, chat: ChatFormat):
     if benchmark == "truthfulqa":
         return ev.truthfulqa_mc(scorer, data["truthfulqa"])
     if benchmark == "truthfulqa_paper":
-        return ev.truthfulqa_mc_paper(scorer, data["truthfulqa"])
-    return ev.hhh_eval(scorer, data["hhh"])
+        return ev.truthfulqa_mc_paper(scorer, data["truthfulqa"], chat=chat)
+    return ev.hhh_eval(scorer, data["hhh"], chat=chat)
 
 
 def _write(items, summary, result, label: str, unit: str) -> None:

@@ -4,11 +4,15 @@ Two sources of prompts, filtered together:
 - Self-Instruct: the model continues a numbered list of k sampled seed prompts (plus some it wrote
   earlier), and every new list item is a candidate;
 - topic-guided red-teaming: for each adversarial instruction type in `principles/red_team_types.yaml`
-  the model first brainstorms topics (a numbered list again), then writes one question per
-  (type, topic) after a few seed questions of that type. Records keep type, topic and seeds.
+  the model first brainstorms topics (a numbered list again, showing all or a sample of the type's
+  topics), then writes the questions: scheme "topic" asks once per (type, topic) after a few seed
+  questions of that type; scheme "mixed" (Dromedary's) asks for one question per (type, topic) hint,
+  several hints of mixed types a request, after seed questions drawn across all types. Records keep
+  type, topic and the seeds shown.
 
 Candidates are dropped (with the reason, in drops.jsonl) when too short or long, when they ask for
-images or files, or when their ROUGE-L against a seed or a kept prompt reaches the threshold.
+images or files, or when they repeat a seed or a kept prompt: by ROUGE-L reaching the threshold for
+the sources in `rouge_sources`, word for word for the others.
 
 Every model call is stored in calls.jsonl before its results are used, and all sampling choices come
 from a seeded RNG replayed from those calls, so a rerun after an interruption rebuilds the same state
@@ -37,6 +41,8 @@ NON_TEXT_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "
                   "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 _NON_TEXT = re.compile(r"\b(" + "|".join(re.escape(w) for w in NON_TEXT_WORDS) + r")\b", re.IGNORECASE)
 _ITEM = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
+SCHEMES = ("topic", "mixed")  # how red-team questions are requested (PromptsConfig.red_team_scheme)
+SOURCES = ("self_instruct", "red_team")
 
 
 @dataclass
@@ -53,7 +59,14 @@ class PromptsConfig:
     k_generated: int = 1  # generated prompts shown too, once there are some
     types_limit: int = 0  # use the first N instruction types (0: all)
     topics_per_type: int = 2
-    n_per_topic: int = 1  # questions written per (type, topic)
+    topic_max_words: int = 6  # longest brainstormed topic kept, in words (paper: 3)
+    topics_shown: int = 0  # topics shown per brainstorm call, a seeded sample of the type's pool (0: all; paper: 5)
+    brainstorm_calls: int = 1  # brainstorm calls per type per round, each its own sample (paper: one per pooled topic)
+    red_team_scheme: str = "topic"  # "topic": a request per (type, topic); "mixed": hints of mixed types (paper)
+    n_per_topic: int = 1  # questions per (type, topic), scheme "topic" only ("mixed" writes one per hint)
+    k_seed_questions: int = 5  # "mixed": seed questions shown per request, drawn across all types (paper: 5)
+    questions_per_request: int = 5  # "mixed": (type, topic) hints per request, one question each (paper: 5)
+    rouge_sources: tuple[str, ...] = ("self_instruct", "red_team")  # sources ROUGE-L filtered (paper: self_instruct)
     max_rounds: int = 4  # bound on Self-Instruct rounds and on brainstorming rounds
     rouge_threshold: float = 0.7
     min_words: int = 3
@@ -69,6 +82,17 @@ class PromptsConfig:
     backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
     tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     restart: bool = False  # discard this stage's earlier results instead of resuming
+
+    def __post_init__(self):
+        if self.red_team_scheme not in SCHEMES:
+            raise ValueError(f"red_team_scheme must be one of {', '.join(SCHEMES)}, got {self.red_team_scheme!r}")
+        unknown = sorted(set(self.rouge_sources) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"unknown rouge_sources {unknown}; choose from {', '.join(SOURCES)}")
+        small = [name for name in ("topic_max_words", "brainstorm_calls", "k_seed_questions", "questions_per_request")
+                 if getattr(self, name) < 1] + (["topics_shown"] if self.topics_shown < 0 else [])
+        if small:
+            raise ValueError(f"{', '.join(small)} must be at least 1 (topics_shown at least 0)")
 
 
 @dataclass(frozen=True)
@@ -101,7 +125,11 @@ def load_templates(path: str | Path) -> dict[str, str]:
     templates = read_yaml(path)
     check_templates(path, templates, {"self_instruct": ["{examples}", "{next}"],
                                       "topics": ["{examples}", "{next}", "{name}"],
-                                      "questions": ["{examples}", "{topic}", "{name}"]})
+                                      "questions": ["{examples}", "{topic}", "{name}"],
+                                      "questions_mixed": ["{plan}", "{examples}", "{first}"]})
+    if not templates["questions_mixed"].rstrip().endswith("{first}"):
+        # The parser takes the completion's first line as the first hint's question.
+        raise PromptFileError(f"{path}: template 'questions_mixed' must end with {{first}}")
     return templates
 
 
@@ -172,14 +200,17 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
             generate_into(calls, items, engine, params, record)
             return [done[key] for key, _ in items]
 
-        kept = [s["prompt"] for s in seeds]  # what new prompts must not near-duplicate
+        kept = [("seed", s["prompt"]) for s in seeds]  # (source, text): what new prompts must not repeat
         self_instruct = _self_instruct(config, seeds, templates, kept, complete, prompts, drops)
         topics = _brainstorm(config, types, templates, complete, topics_file, drops)
         red_team = _red_team(config, types, topics, templates, kept, complete, prompts, drops)
         reasons = drop_reasons(stage.read("drops.jsonl"))
 
+    filtered = [s for s in SOURCES if s in config.rouge_sources]
     counts = {"self_instruct": self_instruct, "red_team": red_team, "topics": sum(map(len, topics.values())),
-              "model_calls": len(done), "drops": reasons}
+              "model_calls": len(done), "drops": reasons,
+              "rouge_compared_against": ["seeds", *filtered] if filtered else [],
+              "rouge_threshold": config.rouge_threshold}
     short = []
     if self_instruct < config.n_self_instruct:
         short.append(f"Self-Instruct kept {self_instruct} of {config.n_self_instruct} after {config.max_rounds} rounds")
@@ -206,9 +237,14 @@ def _numbered(items: list[str]) -> str:
     return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
 
 
-def _keep(candidates, kept, config, prompts, drops, extra, limit=None) -> list[dict]:
-    """Filter (id, text, fields) candidates; write the kept and the dropped; return the kept.
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
 
+
+def _keep(source, candidates, kept, config, prompts, drops, extra, limit=None) -> list[dict]:
+    """Filter one source's (id, text, fields) candidates; write the kept and the dropped; return the kept.
+
+    `kept` holds (source, text) of the seeds and of every prompt kept so far, and grows.
     Past `limit` kept prompts, the rest are dropped as surplus rather than kept."""
     clean = []
     for key, text, fields in candidates:
@@ -217,19 +253,29 @@ def _keep(candidates, kept, config, prompts, drops, extra, limit=None) -> list[d
             drops.write({"id": key, "reason": reason, "text": text, **fields})
         else:
             clean.append((key, text, fields))
-    survivors = set(rouge_l_filter([text for _, text, _ in clean], config.rouge_threshold, existing=kept))
+    if source in config.rouge_sources:
+        compared = [text for origin, text in kept if origin == "seed" or origin in config.rouge_sources]
+        survivors = set(rouge_l_filter([text for _, text, _ in clean], config.rouge_threshold, existing=compared))
+        repeat = f"near-duplicate (ROUGE-L >= {config.rouge_threshold})"
+    else:
+        # Dromedary ROUGE-filtered Self-Instruct only; an unfiltered source must still not repeat a
+        # seed or a kept prompt word for word.
+        seen, survivors, repeat = {_normal(text) for _, text in kept}, set(), "exact duplicate"
+        for index, (_, text, _) in enumerate(clean):
+            if _normal(text) not in seen:
+                seen.add(_normal(text))
+                survivors.add(index)
     result = []
     for index, (key, text, fields) in enumerate(clean):
         if index not in survivors:
-            drops.write({"id": key, "reason": f"near-duplicate (ROUGE-L >= {config.rouge_threshold})",
-                         "text": text, **fields})
+            drops.write({"id": key, "reason": repeat, "text": text, **fields})
             continue
         if limit is not None and len(result) >= limit:
             drops.write({"id": key, "reason": "target reached", "text": text, **fields})
             continue
         row = {"id": key, "prompt": text, **fields, "provenance": extra}
         prompts.write(row)
-        kept.append(text)
+        kept.append((source, text))
         result.append(row)
     return result
 
@@ -257,7 +303,7 @@ def _self_instruct(config, seeds, templates, kept, complete, prompts, drops) -> 
                 drops.write({"id": key, "reason": "no list item in the model's output", "text": call["completion"]})
             candidates += [(f"{key}-{m}", item, {"source": "self_instruct", "type": None, "topic": None,
                                                  "seeds": shown, "call": key}) for m, item in enumerate(items)]
-        generated += _keep(candidates, kept, config, prompts, drops, source,
+        generated += _keep("self_instruct", candidates, kept, config, prompts, drops, source,
                            limit=config.n_self_instruct - len(generated))
     return len(generated)
 
@@ -276,16 +322,23 @@ def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[
             break
         calls = []
         for t in need:
-            shown = list(t.seed_topics) + found[t.id]
-            text = templates["topics"].format(name=t.name, description=t.description,
-                                              examples=_numbered(shown), next=len(shown) + 1)
-            calls.append((f"topics-{t.id}-{round_}", text))
-        for t, (key, _), call in zip(need, calls, complete(calls, params)):
+            pool = list(t.seed_topics) + found[t.id]
+            for c in range(config.brainstorm_calls):
+                # Seeded by type, round and call, so a resume rebuilds the same prompts.
+                rng = random.Random(f"{config.seed}/{t.id}/{round_}/{c}")
+                shown = rng.sample(pool, config.topics_shown) if 0 < config.topics_shown < len(pool) else pool
+                text = templates["topics"].format(name=t.name, description=t.description,
+                                                  examples=_numbered(shown), next=len(shown) + 1)
+                # The first call keeps the key it had when there was one, so its sample is unchanged.
+                calls.append((t, f"topics-{t.id}-{round_}" + (f"-{c}" if c else ""), text))
+        for (t, key, _), call in zip(calls, complete([(key, text) for _, key, text in calls], params)):
             seen = {s.lower() for s in t.seed_topics} | {s.lower() for s in found[t.id]}
             for m, item in enumerate(parse_numbered_list(call["completion"], call["finish_reason"] == "length")):
                 topic = _clean_topic(item)
                 words = len(topic.split())
-                reason = ("not a short noun phrase" if not 1 <= words <= 6 or topic.endswith("?") else
+                reason = (f"not a short noun phrase (more than {config.topic_max_words} words)"
+                          if words > config.topic_max_words else
+                          "not a short noun phrase" if not words or topic.endswith("?") else
                           "repeated topic" if topic.lower() in seen else
                           "type has enough topics" if len(found[t.id]) >= config.topics_per_type else None)
                 if reason:
@@ -305,10 +358,16 @@ def _example_pairs(t: RedTeamType) -> list[tuple[str, str]]:
 
 
 def _red_team(config, types, topics, templates, kept, complete, prompts, drops) -> int:
+    questions = _mixed_questions if config.red_team_scheme == "mixed" else _topic_questions
+    params, candidates = questions(config, types, topics, templates, complete, drops)
+    source = provenance(config.model, params.to_dict(), config.seed)
+    return len(_keep("red_team", candidates, kept, config, prompts, drops, source))
+
+
+def _topic_questions(config, types, topics, templates, complete, drops):
     params = SamplingParams(temperature=config.temperature, top_p=config.question_top_p,
                             max_new_tokens=config.question_max_new_tokens, stop=("\nTopic:", "\n\n"),
                             seed=config.seed)
-    source = provenance(config.model, params.to_dict(), config.seed)
     calls, fields = [], {}
     for t in types:
         pairs = _example_pairs(t)
@@ -328,8 +387,74 @@ def _red_team(config, types, topics, templates, kept, complete, prompts, drops) 
             drops.write({"id": key, "reason": "cut off", "text": question, **fields[key]})
             continue
         candidates.append((key, question, fields[key]))
-    return len(_keep(candidates, kept, config, prompts, drops, source))
+    return params, candidates
 
+
+def _plan_line(number: int, t: RedTeamType, topic: str) -> str:
+    return f"{number}. Kind: {t.name}. Topic: {topic}."
+
+
+def _hint(number: int, t: RedTeamType, topic: str) -> str:
+    """What opens question `number` of a mixed request; the parser looks for it."""
+    return f"{_plan_line(number, t, topic)} Question:"
+
+
+def parse_mixed(completion: str, hints: list[str], cut_off: bool) -> tuple[dict[int, str], int | None]:
+    """Questions of one mixed request by hint index, and the index whose question was cut off (or None).
+
+    The prompt ends with hints[0], so the first line answers it; a later line counts only when it
+    opens with one of the request's hints (the first answer to a hint wins; other lines are ignored).
+    When generation was cut off, a last line without closing punctuation is incomplete.
+    """
+    answers, cut = {}, None
+    lines = [line.strip() for line in completion.split("\n")]
+    for number, line in enumerate(lines):
+        if number == 0:
+            index, text = 0, line
+        else:
+            index = next((i for i, hint in enumerate(hints) if line.startswith(hint)), None)
+            text = line[len(hints[index]):].strip() if index is not None else ""
+        if not text or index in answers:
+            continue
+        answers[index] = text
+        if cut_off and number == len(lines) - 1 and not text.endswith(("?", ".")):
+            cut = index
+    return answers, cut
+
+
+def _mixed_questions(config, types, topics, templates, complete, drops):
+    # One question per hint, so a request gets one question's budget per hint.
+    params = SamplingParams(temperature=config.temperature, top_p=config.question_top_p,
+                            max_new_tokens=config.question_max_new_tokens * config.questions_per_request,
+                            stop=("\n\n",), seed=config.seed)
+    rng = random.Random(f"{config.seed}/mixed")
+    pairs = [(t, topic) for t in types for topic in topics[t.id]]
+    rng.shuffle(pairs)
+    examples = [(t, topic, question) for t in types for topic, question in _example_pairs(t)]
+    calls, requests = [], []
+    for r, start in enumerate(range(0, len(pairs), config.questions_per_request)):
+        hints = pairs[start:start + config.questions_per_request]
+        shown = rng.sample(examples, min(config.k_seed_questions, len(examples)))
+        numbered = list(enumerate(hints, len(shown) + 1))  # the list goes on after the examples
+        text = templates["questions_mixed"].format(
+            examples="\n".join(f"{_hint(n, t, topic)} {q}" for n, (t, topic, q) in enumerate(shown, 1)),
+            plan="\n".join(_plan_line(n, t, topic) for n, (t, topic) in numbered),
+            first=_hint(numbered[0][0], *hints[0]))
+        calls.append((f"rt-mixed-{r}", text))
+        requests.append((hints, [_hint(n, t, topic) for n, (t, topic) in numbered], [q for *_, q in shown]))
+    candidates = []
+    for (key, _), (hints, expected, seeds), call in zip(calls, requests, complete(calls, params)):
+        answers, cut = parse_mixed(call["completion"], expected, call["finish_reason"] == "length")
+        for i, (t, topic) in enumerate(hints):
+            # Ids come from the request and the hint's place in it, which a resume rebuilds alike.
+            key_i, fields = f"{key}-{i}", {"source": "red_team", "type": t.id, "topic": topic, "seeds": seeds,
+                                           "call": key}
+            if i in answers and i != cut:
+                candidates.append((key_i, answers[i], fields))
+            else:
+                drops.write({"id": key_i, "reason": "cut off" if i == cut else "no question for this hint",
+                             "text": answers.get(i, ""), **fields})
+    return params, candidates
 
 
 def tables(run_name: str, runs_dir: str = "runs") -> dict:

@@ -8,7 +8,9 @@ The prefix is identical for every query, so its key/value cache is computed once
 
 A response is dropped, with its reason, when it has no answer marker or no thoughts, runs into
 max_new_tokens before the answer ended, is empty or too short, copies phrases peculiar to an exemplar or the closing exchange, opens with a blanket
-refusal, or (if asked) cites principles the set lacks. An answer that starts repeating itself is cut
+refusal, opens with any apology (`drop_apologies`, as Dromedary's filter does), or (if asked) cites
+principles the set lacks. `suppress` pushes down the first token of texts such as "Sorry" while
+sampling, as Dromedary's logit bias did. An answer that starts repeating itself is cut
 before the first repeated sentence and kept. Nothing is lost silently: raw continuations are in
 calls.jsonl, kept ones in responses.jsonl, the rest in drops.jsonl.
 
@@ -45,7 +47,9 @@ class SelfAlignConfig:
     temperature: float = 0.5
     top_p: float = 0.95
     max_new_tokens: int = 160  # the paper used 256
+    suppress: tuple[str, ...] = ()  # texts whose first token gets a -100 logit bias at every step (the paper: Sorry)
     min_answer_words: int = 3
+    drop_apologies: bool = False  # drop answers that open with an apology (template's apology_openings; the paper: on)
     drop_unknown_citations: bool = False
     seed: int = 0
     batch_size: int = 8
@@ -79,14 +83,19 @@ def drop_reason(parsed, finish_reason: str, query: str, principle_set: Principle
     for opening in principle_set.template["refusal_openings"]:
         if parsed.answer.lower().startswith(opening.lower()):
             return f"blanket refusal ({opening})"
+    if config.drop_apologies:
+        for opening in principle_set.template["apology_openings"]:
+            if parsed.answer.lower().startswith(opening.lower()):
+                return f"opens with an apology ({opening})"
     if config.drop_unknown_citations and parsed.unknown_citations:
         return f"cites unknown principles ({', '.join(parsed.unknown_citations)})"
     return None
 
 
 def sampling(config) -> SamplingParams:
+    # Dromedary pushed "Sorry" down by 100 logits, so that answers do not open with an apology.
     return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          stop=("\nUser:",), seed=config.seed)
+                          stop=("\nUser:",), seed=config.seed, logit_bias=tuple((text, -100.0) for text in config.suppress))
 
 
 def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> dict:

@@ -6,7 +6,9 @@ instruction in `principles/verbose_prompt.yaml`, sampled at the paper's T=0.3, t
 repetition penalties. The student starts again from the base model and is trained on
 (overview without the instruction, prompt, verbose answer), so the final model answers at length
 with no instruction in its context. An answer that ran into max_new_tokens is cut after its last
-full sentence (or word) and kept, flagged `cut_at_length`; an empty one is dropped.
+full sentence (or word) and kept, flagged `cut_at_length`, and trained on without the end-of-answer
+marker, so that it does not teach the student to stop where the teacher was cut; an empty one is
+dropped. Stage 3's prompts include its identity conversations, which the teacher answers again.
 
 The prompts are stage 3's, with the same held-out ones, so the held-out comparison measures how
 much likelier the student finds the teacher's unseen answers than the base model does.
@@ -44,8 +46,8 @@ class VerboseConfig(TrainSettings):
     temperature: float = 0.3
     top_p: float = 0.7
     max_new_tokens: int = 192  # the paper: 512
-    repetition_penalty: float = 1.1
-    no_repeat_ngram_size: int = 6
+    repetition_penalty: float = 1.1  # over the generated tokens only
+    no_repeat_ngram_size: int = 6  # over the generated tokens only, so the teacher may quote the question
     batch_size: int = 8
     backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
     tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
@@ -137,8 +139,11 @@ def _teach(stage, loaded, prompts, chat, instruction, params, origin, config, ru
             cut = call["finish_reason"] == "length"
             if cut:
                 text = cut_to_sentence(text)
+            # A cut answer keeps its last full sentence but gets no end-of-answer marker in training
+            # (`ended`), as Dromedary's merge script leaves it: it must not teach stopping mid-answer.
             answers.write({"id": call["id"], "prompt": source[call["id"]]["prompt"], "answer": text,
-                           "cut_at_length": cut, "finish_reason": call["finish_reason"],
+                           "cut_at_length": cut, "ended": not cut, "finish_reason": call["finish_reason"],
+                           "source": source[call["id"]].get("source", "self_align"),
                            "provenance": call["provenance"]})
 
 

@@ -25,6 +25,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit at every step
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -122,13 +123,15 @@ class LLM:
         ids, new = list(prompt_ids), []
         text, finish, reason = "", "length", None
         while len(new) < params.max_tokens:
-            with torch.inference_mode():
+            with torch.inference_mode():  # also around the in-place edits: the logits are an inference tensor
                 logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-            if params.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(ids)))
-                picked = logits[seen]
-                logits[seen] = torch.where(picked < 0, picked * params.repetition_penalty,
-                                           picked / params.repetition_penalty)
+                if params.repetition_penalty != 1.0:
+                    seen = torch.tensor(sorted(set(ids)))
+                    picked = logits[seen]
+                    logits[seen] = torch.where(picked < 0, picked * params.repetition_penalty,
+                                               picked / params.repetition_penalty)
+                for token, bias in (params.logit_bias or {}).items():
+                    logits[token] += bias
             if params.temperature < 1e-5:
                 token = int(logits.argmax())
             else:
