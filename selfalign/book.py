@@ -78,7 +78,9 @@ def plan_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = No
     import papermill
 
     from .profiles import ProfileError, resolve, unknown_keys
+    from .records import Run
 
+    Run(run, runs_dir, create=False)  # refuses a run name that leads outside runs_dir; a plan writes nothing
     profile, overrides = profile or {}, overrides or {}
     runs_dir = str(Path(runs_dir).resolve())
     chosen = [n for n in notebooks() if not only or any(n.stem.startswith(prefix) for prefix in only)]
@@ -101,8 +103,10 @@ def run_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = Non
     """Execute the notebooks in order; return the executed copies. Raises NotebookFailed."""
     import papermill
 
+    from .records import Run
+
     plan = plan_book(run, runs_dir, profile, overrides, only)
-    out_dir = Path(runs_dir).resolve() / run / "notebooks"
+    out_dir = Run(run, Path(runs_dir).resolve()).root / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     executed_paths = []
     for notebook, values in plan:
@@ -133,9 +137,12 @@ def build_book(run: str, runs_dir: str | Path = "runs", log=print) -> Path:
 
     import yaml
 
+    from .records import Run
+
     root = NOTEBOOK_DIR.parent
-    executed_dir = Path(runs_dir) / run / "notebooks"
-    stage = Path(runs_dir) / run / "book"
+    run_root = Run(run, runs_dir, create=False).root  # the rmtree below must stay inside runs_dir
+    executed_dir = run_root / "notebooks"
+    stage = run_root / "book"
     wanted = [entry["file"] for entry in yaml.safe_load((root / "_toc.yml").read_text())["chapters"]]
     missing = [name for name in wanted if name.startswith("notebooks/")
                and not completed(executed_dir / (Path(name).name + ".ipynb"))]

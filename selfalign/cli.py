@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ModelError, RunError, PromptFileError, PrincipleError, ValueError, FileNotFoundError) as error:
+    except (ModelError, RunError, PromptFileError, PrincipleError, ValueError) as error:
         print(f"selfalign: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        # A read-only or full disk (EROFS, ENOSPC) can meet any write: name the path, not the line of code.
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"selfalign: error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
 
 
@@ -202,6 +207,7 @@ def _run(args) -> int:
     overrides = {key: _parse_value(value) for key, value in args.p}
     if args.model:
         overrides["model"] = args.model
+    Run(args.run, args.runs_dir, create=False)  # the run name's check, before anything (a dry run too)
     profile = load_profile(args.profile)
     if args.direct:
         unknown = set(args.only or ()) - set(STAGES)

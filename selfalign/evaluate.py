@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .generate import cache_keyword
-from .prompts import PRINCIPLES_DIR, check_templates, read_yaml
+from .prompts import PRINCIPLES_DIR, check_templates, describe, read_text, read_yaml
 from .records import SCHEMAS
 
 if TYPE_CHECKING:
@@ -471,20 +471,31 @@ def _split_answers(text: str) -> list[str]:
     return [_close(a) for a in text.split(";") if a.strip()]
 
 
+class EvalDataError(ValueError):
+    """A benchmark file that cannot be read as its benchmark's; the message names the file (and the
+    line or example)."""
+
+
 def load_truthfulqa(path: str | Path = DATA_DIR / "truthfulqa.csv", *, from_hub: bool = False) -> list[MCQuestion]:
     """TruthfulQA's 817 questions from the original CSV (or, only if asked, the hub's
     `truthful_qa/multiple_choice`, whose MC1 choice sets are larger and which has no categories)."""
     if from_hub:
         return _truthfulqa_from_hub()
+    import io
+
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; get TruthfulQA.csv from github.com/sylinrl/TruthfulQA")
-    frame = pd.read_csv(path, keep_default_na=False)
+    try:
+        # Every cell a string: a question or answer that looks like a number is still text.
+        frame = pd.read_csv(io.StringIO(read_text(path, EvalDataError)), dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise EvalDataError(f"{path}: not a CSV file with a header line ({' '.join(str(error).split())})") from None
     needed = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers"]
     if missing := [c for c in needed if c not in frame.columns]:
-        raise ValueError(f"{path} lacks the columns {missing}; is it TruthfulQA's CSV?")
+        raise EvalDataError(f"{path} lacks the columns {missing}; is it TruthfulQA's CSV?")
     questions = []
     for index, row in frame.iterrows():
         best, correct = _close(row["Best Answer"]), _split_answers(row["Correct Answers"])
@@ -494,6 +505,8 @@ def load_truthfulqa(path: str | Path = DATA_DIR / "truthfulqa.csv", *, from_hub:
         questions.append(MCQuestion(f"tqa-{index:03d}", row["Question"].strip(), best,
                                     tuple(correct if best in correct else [best, *correct]), tuple(incorrect),
                                     row["Category"], row["Type"]))
+    if not questions:
+        raise EvalDataError(f"{path} holds no question with false reference answers; is it TruthfulQA's CSV?")
     return questions
 
 
@@ -596,10 +609,21 @@ def load_hhh(directory: str | Path = DATA_DIR / "hhh_alignment", subsets: Sequen
         path = Path(directory) / f"{subset}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; it is BIG-bench's hhh_alignment/{subset}/task.json")
-        for index, row in enumerate(json.loads(path.read_text(encoding="utf-8"))["examples"]):
-            answers, marks = zip(*row["target_scores"].items())
-            if len(answers) != 2 or sorted(marks) != [0, 1]:
-                raise ValueError(f"{path} example {index}: expected two answers scored 1 and 0")
+        try:
+            data = json.loads(read_text(path, EvalDataError))
+        except json.JSONDecodeError as error:
+            raise EvalDataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        rows = data.get("examples") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not rows:
+            raise EvalDataError(f"{path}: expected BIG-bench's task.json, an object with a non-empty 'examples' "
+                                f"list; got {describe(rows if isinstance(data, dict) else data)}")
+        for index, row in enumerate(rows):
+            scores = row.get("target_scores") if isinstance(row, dict) else None
+            if not (isinstance(row, dict) and isinstance(row.get("input"), str) and isinstance(scores, dict)
+                    and list(scores.values()) in ([1, 0], [0, 1])):
+                raise EvalDataError(f"{path} example {index}: expected an 'input' text and 'target_scores' "
+                                    "mapping two answers to 1 and 0")
+            answers, marks = zip(*scores.items())
             examples.append(HHHExample(f"{subset}-{index:02d}", subset, row["input"], answers, marks.index(1)))
     return examples
 
@@ -669,8 +693,23 @@ def load_vicuna_questions(path: str | Path = DATA_DIR / "vicuna_questions.jsonl"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; it is FastChat's llm_judge vicuna_bench/question.jsonl")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [{**row, "question": "\n\n".join(row["turns"])} for row in rows]
+    questions = []
+    for number, line in enumerate(read_text(path, EvalDataError).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalDataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)
+                and isinstance(row.get("question_id"), (int, str))):
+            raise EvalDataError(f"{path}:{number}: expected an object with a 'question_id' and 'turns', a "
+                                "non-empty list of texts (FastChat's question.jsonl)")
+        questions.append({**row, "question": "\n\n".join(turns)})
+    if not questions:
+        raise EvalDataError(f"{path} holds no questions")
+    return questions
 
 
 def judge_note(judge) -> str:

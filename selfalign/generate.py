@@ -172,10 +172,21 @@ class Engine:
             results[index] = completion
         return results  # type: ignore[return-value]
 
+    def too_long(self, prompts: Sequence[str], params: SamplingParams,
+                 shared_prefix: str | None = None) -> dict[int, int]:
+        """{index: token count} of the prompts `stream` would refuse: longer than the context leaves
+        room for after max_new_tokens. Empty when the engine truncates, since it cuts them instead."""
+        if self.truncate:
+            return {}
+        budget = self.context_length - params.max_new_tokens
+        lengths = self.backend.count_tokens(list(prompts), shared_prefix)
+        return {i: n for i, n in enumerate(lengths) if n > budget}
+
     def stream(self, prompts: Sequence[str], params: SamplingParams, shared_prefix: str | None = None,
                keys: Sequence | None = None) -> Iterator[tuple[int, Completion]]:
         """Yield (index into prompts, completion) as batches finish. `keys` (e.g. record ids) seed
         each prompt's sampling; by default the text and its occurrence count do."""
+        named = keys is not None  # record ids name a prompt better than its place in this call
         if keys is None:
             keys = default_keys(prompts)
         if len(keys) != len(prompts) or len(set(map(repr, keys))) != len(keys):
@@ -194,14 +205,15 @@ class Engine:
         lengths = self.backend.count_tokens(prompts, shared_prefix)
         budget = self.context_length - params.max_new_tokens
         for i, n in enumerate(lengths):
+            name = f"prompt {keys[i]!r}" if named else f"prompt {i}"
             if n > budget and self.truncate is None:
                 raise PromptTooLongError(
-                    f"prompt {i} has {n} tokens; with max_new_tokens={params.max_new_tokens} the model's "
+                    f"{name} has {n} tokens; with max_new_tokens={params.max_new_tokens} the model's "
                     f"context of {self.context_length} leaves room for {budget}. Shorten it, lower "
                     "max_new_tokens, or pass truncate='left' to drop its beginning."
                 )
             if n > budget:
-                warnings.warn(f"prompt {i} has {n} tokens; keeping its last {budget}", stacklevel=2)
+                warnings.warn(f"{name} has {n} tokens; keeping its last {budget}", stacklevel=2)
         # Longest first, so that a batch that does not fit in memory fails at once, not at the end.
         order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
         from tqdm.auto import tqdm

@@ -184,6 +184,39 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
+def check_model(name: str, backend: str = "hf", quantize: str = "") -> None:
+    """Refuse, before a stage starts, a model it could not load, reading no weights: a name that is
+    neither registered nor a model directory, an embedded model whose package is absent, tiny-random
+    on vLLM, a backend or quantization whose package is missing. A hub id passes (only loading tells)."""
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("backend 'vllm' needs vLLM on a CUDA machine: pip install 'selfalign[vllm]'")
+    if quantize and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"quantize {quantize!r} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes")
+    if name == TINY_RANDOM:
+        if backend == "vllm":
+            raise ModelError("tiny-random lives in memory only; vLLM needs a model directory")
+        return
+    if name in KNOWN_MODELS:
+        spec = KNOWN_MODELS[name]
+        if (converted_dir(name) / "selfalign-conversion.json").is_file():
+            return  # prepared: loading needs neither its package nor gguf any more
+        if importlib.util.find_spec(spec.package) is None:
+            raise ModelError(f"model {name!r} needs the package {spec.package!r}, which is not installed: "
+                             f"`selfalign model prepare --name {name} --install` installs it")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError(f"preparing model {name!r} reads a GGUF file, which needs the gguf package: "
+                             "pip install gguf")
+        return
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local} is not a Hugging Face model directory (no config.json)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"{name!r} is neither a registered model ({', '.join(known_names())}) "
+                         "nor an existing model directory")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -214,6 +247,7 @@ def load_model(
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelError(f"{local} is not a Hugging Face model directory (no config.json)")
+        _check_config(local / "config.json")
         return _load_directory(str(local), name_or_path, dtype, device_map, quantize, trust_remote_code,
                                allow_pickle, "")
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
@@ -231,6 +265,17 @@ def load_model(
             f"reachable here: download the weights elsewhere and pass their directory, or use one of "
             f"{', '.join(known_names())}"
         ) from error
+
+
+def _check_config(path: Path) -> None:
+    # transformers reports a broken config.json with a traceback that does not always name it.
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path}: not a valid config.json ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{path}: expected a JSON object with a 'model_type' (e.g. \"llama\"), the architecture "
+                         "to build")
 
 
 def vllm_model_path(name_or_path: str) -> tuple[str, str]:

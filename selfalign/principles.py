@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .prompts import PRINCIPLES_DIR, check_templates, read_yaml
+from .prompts import PRINCIPLES_DIR, check_templates, describe, read_yaml
 
 _CITED = re.compile(r"(\d+)\s*\(([^()\n]{1,60})\)")  # "7 (Candor)"
 _RULE_LIST = re.compile(r"\brules?\s+((?:\d+(?:\s*\([^()\n]{0,60}\))?(?:\s*(?:,|and|&)\s*)?)+)", re.IGNORECASE)
@@ -107,39 +107,58 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
                        exemplars: str | Path = PRINCIPLES_DIR / "exemplars.yaml",
                        template: str | Path = PRINCIPLES_DIR / "self_align_template.yaml") -> PrincipleSet:
     template_data = _read_yaml(template)
+    unknown = sorted(map(str, set(template_data) - set(_TEMPLATE_NEEDS) - set(_OPENINGS)))
+    if unknown:  # a misspelt key would silently fall back to its default
+        raise PrincipleError(f"{template}: unknown key(s) {', '.join(unknown)}; the keys are "
+                             f"{', '.join([*_TEMPLATE_NEEDS, *_OPENINGS])}")
     check_templates(template, template_data, _TEMPLATE_NEEDS, PrincipleError)
     for key in ("user_turn", "thoughts_turn", "answer_turn"):
         if not re.match(r"^[^{}\n]*\{assistant\}|^User:", template_data[key]):
             raise PrincipleError(f"{template}: '{key}' must start with its role marker")
-    for key in ("refusal_openings", "apology_openings"):
-        openings = template_data.setdefault(key, [])
+    for key in _OPENINGS:
         # A lone string would be read as one opening per character, dropping nearly every answer.
-        if not isinstance(openings, list) or not all(isinstance(o, str) and o.strip() for o in openings):
-            raise PrincipleError(f"{template}: '{key}' must be a list of non-empty texts")
+        _check(f"{template}: '{key}'", template_data.setdefault(key, []), "texts")
 
-    rows = _read_yaml(principles).get("principles") or []
-    if not rows:
-        raise PrincipleError(f"{principles}: expected a 'principles:' list")
-    parsed, seen = [], set()
-    for index, row in enumerate(rows, 1):
-        where = f"{principles}: principle #{index} ({row.get('name', '?')})"
-        if not isinstance(row.get("number"), int):
-            raise PrincipleError(f"{where}: 'number' must be an integer")
+    parsed, seen, names = [], set(), set()
+    for where, row in _entries(principles, "principles", "principle", ("number", "name", "text")):
+        _check(f"{where}: 'number'", row.get("number"), "number")
         if row["number"] in seen:
             raise PrincipleError(f"{where}: number {row['number']} is used twice")
-        if not str(row.get("name", "")).strip() or not str(row.get("text", "")).strip():
+        for key in ("name", "text"):
+            _check(f"{where}: '{key}'", row.get(key, ""), "text")
+        if not row.get("name", "").strip() or not row.get("text", "").strip():
             raise PrincipleError(f"{where}: empty name or text")
+        if _normal(row["name"]) in names:  # citations are read by name as well as by number
+            raise PrincipleError(f"{where}: name {row['name']!r} is used twice")
         seen.add(row["number"])
-        parsed.append(Principle(row["number"], str(row["name"]).strip(), " ".join(str(row["text"]).split())))
+        names.add(_normal(row["name"]))
+        parsed.append(Principle(row["number"], row["name"].strip(), " ".join(row["text"].split())))
+    # Filled in only once a model is loaded: one bad {field} would fail there, after minutes.
+    first = parsed[0]
+    for key, fields in (("rule", {"number": first.number, "name": first.name, "text": first.text}),
+                        ("rules_sentence", {"rules": f"{first.number} ({first.name})"})):
+        try:
+            template_data[key].format(**fields)
+        except (KeyError, IndexError, AttributeError, ValueError) as error:
+            problem = f"unknown field {{{error.args[0]}}}" if isinstance(error, KeyError) else str(error)
+            raise PrincipleError(f"{template}: template '{key}' cannot be filled in ({problem}); its fields are "
+                                 f"{', '.join('{' + f + '}' for f in fields)}, and a literal brace is written twice")
 
-    examples = []
+    examples, ids = [], set()
     known = PrincipleSet(tuple(parsed), (), template_data)  # to read exemplar citations as model output is read
-    for index, row in enumerate(_read_yaml(exemplars).get("exemplars") or [], 1):
-        where = f"{exemplars}: exemplar #{index} ({row.get('id', '?')})"
-        missing = [k for k in ("id", "user", "thoughts", "answer") if not str(row.get(k, "")).strip()]
+    fields = ("id", "user", "thoughts", "answer", "markers")
+    for where, row in _entries(exemplars, "exemplars", "exemplar", fields):
+        for key in fields[:4]:
+            _check(f"{where}: '{key}'", row.get(key, ""), "text")
+        markers = [] if row.get("markers") is None else row["markers"]  # "markers:" left blank: none
+        _check(f"{where}: 'markers'", markers, "texts")
+        missing = [k for k in fields[:4] if not row.get(k, "").strip()]
         if missing:
             raise PrincipleError(f"{where}: empty {', '.join(missing)}")
-        thoughts = " ".join(str(row["thoughts"]).split())
+        if row["id"] in ids:
+            raise PrincipleError(f"{where}: id {row['id']!r} is used twice")
+        ids.add(row["id"])
+        thoughts = " ".join(row["thoughts"].split())
         sentence = _RULES_SENTENCE.search(thoughts)
         if not sentence:
             raise PrincipleError(f"{where}: thoughts must end with 'I should follow rules ...'")
@@ -147,15 +166,58 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
         if unknown or not cites:
             numbers = sorted({int(label.split()[0]) for label in unknown})
             raise PrincipleError(f"{where}: cites {numbers or 'no'} principle(s) not in {principles}")
-        examples.append(Exemplar(str(row["id"]), str(row["user"]).strip(), thoughts[: sentence.start()].strip(),
-                                 tuple(cites), str(row["answer"]).strip(), tuple(row.get("markers") or ())))
-    if not examples:
-        raise PrincipleError(f"{exemplars}: expected an 'exemplars:' list")
+        examples.append(Exemplar(row["id"], row["user"].strip(), thoughts[: sentence.start()].strip(),
+                                 tuple(cites), row["answer"].strip(), tuple(markers)))
     return PrincipleSet(tuple(parsed), tuple(examples), template_data)
+
+
+_OPENINGS = ("refusal_openings", "apology_openings")
 
 
 def _read_yaml(path) -> dict:
     return read_yaml(path, PrincipleError)
+
+
+def _entries(path, key: str, entry: str, fields: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(where, entry) for each entry of the file's `key:` list: a non-empty list of mappings that
+    hold no field but `fields` (a misspelt one would silently be left out)."""
+    data = _read_yaml(path)
+    if key not in data:
+        raise PrincipleError(f"{path}: expected a '{key}:' list")
+    extra = sorted(map(str, set(data) - {key}))
+    if extra:
+        raise PrincipleError(f"{path}: unknown key(s) {', '.join(extra)}; the file holds only a '{key}:' list")
+    rows = data[key]
+    if not isinstance(rows, list) or not rows:
+        raise PrincipleError(f"{path}: '{key}' must be a non-empty list of entries, each with "
+                             f"{', '.join(fields)}; got {describe(rows)}")
+    found = []
+    for index, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise PrincipleError(f"{path}: {entry} #{index} must be a mapping of {', '.join(fields)}, "
+                                 f"got {describe(row)}")
+        where = f"{path}: {entry} #{index} ({row.get('name', row.get('id', '?'))})"
+        unknown = sorted(map(str, set(row) - set(fields)))
+        if unknown:
+            raise PrincipleError(f"{where}: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(fields)}")
+        found.append((where, row))
+    return found
+
+
+def _check(where: str, value, kind: str) -> None:
+    """`value` is of `kind`: "number" (an integer), "text" (a string, maybe empty) or "texts" (a
+    list of non-empty strings). YAML reads `1.5`, `yes` or `[a, b]` as what they look like."""
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PrincipleError(f"{where} must be a whole number, got {describe(value)}")
+    elif kind == "texts":
+        if not isinstance(value, list):
+            raise PrincipleError(f"{where} must be a list of non-empty texts, got {describe(value)}")
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise PrincipleError(f"{where} must be a list of non-empty texts, but it holds {describe(item)}")
+    elif not isinstance(value, str):
+        raise PrincipleError(f"{where} must be a text, got {describe(value)}")
 
 
 def rules_sentence(principle_set: PrincipleSet, cites) -> str:

@@ -36,8 +36,9 @@ STAGES = {
     "evaluate": (evaluation.EvaluateConfig, evaluation.run),
 }
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
-# Where a run goes comes from --run and --runs-dir, and --restart is a decision, not a setting.
-RUN_FIELDS = ("run", "runs_dir", "restart")
+# Where a run goes comes from --run and --runs-dir; --restart and --allow-pickle are decisions about
+# one invocation's files, not settings of the method.
+RUN_FIELDS = ("run", "runs_dir", "restart", "allow_pickle")
 LORA_STAGES = ("engrave", "verbose")
 
 
@@ -81,7 +82,7 @@ def load_profile(name: str) -> dict:
     sections = {"all", "chapters", *STAGES}
     for key, section in values.items():
         if key not in sections:
-            hint = f" (a setting belongs under a stage or under 'all:')" if _stages_with(key) else ""
+            hint = " (a setting belongs under a stage or under 'all:')" if _stages_with(key) else ""
             raise ProfileError(f"{path}: unknown section {key!r}{hint}; sections: {', '.join(sorted(sections))}")
         if not isinstance(section, dict):
             raise ProfileError(f"{path}: section {key!r} must be a mapping of settings, got {type(section).__name__}")
@@ -117,7 +118,7 @@ def resolve(profile: dict, overrides: dict | None = None, *, run: str = "demo", 
     for_all = {**profile.get("all", {}), **{k: v for k, v in overrides.items() if "." not in k}}
     for key in RUN_FIELDS:
         if key in for_all or any(key in profile.get(s, {}) for s in STAGES):
-            raise ProfileError(f"{key!r} is not a profile setting: use --run, --runs-dir or --restart")
+            raise ProfileError(f"{key!r} is not a profile setting: use --run, --runs-dir, --restart or --allow-pickle")
     resolved = {}
     for name in stages or STAGES:
         config_class = STAGES[name][0]

@@ -8,6 +8,12 @@ resumes without duplicates.
 
 Each record names its schema (`"schema": "generation/1"`) and carries provenance (model,
 generation parameters, principle-set hash, seed). This module does not know what stages compute.
+
+One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`) on
+`runs/<run>/.<stage>.lock` and holds it until the stage finishes or the process ends, however it
+ends, so a kill -9 leaves no stale lock. A restart sets the stage's files aside in
+`runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through `Run`, which
+refuses a name that is not a plain folder name (so nothing is written outside the runs directory).
 """
 
 from __future__ import annotations
@@ -17,11 +23,20 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows: stages run unlocked (see _take_lock)
+    fcntl = None
 
 FORMAT_VERSION = 1  # the layout of run directories; runs made under another one are refused
 
@@ -93,17 +108,29 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(partial, path)
 
 
+# No '/' and no leading '.', so a name can be neither '..', a path nor absolute: a run is always
+# one folder directly inside the runs directory.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+PREVIOUS = ".previous"  # suffix of the folder a restart moves a stage's files into
 
 
 class Run:
-    """One run directory, `runs_dir/name`, created on first use."""
+    """One run directory, `runs_dir/name`, created on first use (`create=False`: only where it is,
+    for commands that must write nothing yet, such as a dry run).
 
-    def __init__(self, name: str, runs_dir: str | os.PathLike = "runs"):
-        if not _RUN_NAME.match(name):
-            raise RunError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+    Every command that takes a run name builds the run's paths from `Run(...).root`, so one check
+    refuses a name that would lead outside `runs_dir`."""
+
+    def __init__(self, name: str, runs_dir: str | os.PathLike = "runs", create: bool = True):
+        if not isinstance(name, str) or not _RUN_NAME.match(name):
+            raise RunError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (at most 100), starting "
+                           "with a letter or digit: a run is one folder inside the runs directory")
         self.name = name
         self.root = Path(runs_dir) / name
+        if not create:
+            if (self.root / "run.json").exists():
+                _check_format(self.root / "run.json")
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -118,14 +145,25 @@ class Run:
                                         "created_at": _now()})
 
     def stage(self, name: str) -> "Stage":
-        return Stage(self.root / name, name)
+        return Stage(self.root / name, name, run=self.name)
 
     def stages(self) -> dict[str, dict]:
-        """Manifests of the stages this run has, by stage name."""
+        """Manifests of the stages this run has, by stage name (not the files a restart set aside)."""
         found = {}
         for manifest in sorted(self.root.glob("*/manifest.json")):
-            found[manifest.parent.name] = json.loads(manifest.read_text())
+            if not manifest.parent.name.endswith(PREVIOUS):
+                found[manifest.parent.name] = _read_manifest(manifest)
         return found
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is unreadable ({error}); rerun the stage with --restart") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, a stage manifest")
+    return data
 
 
 def _check_format(path: Path) -> None:
@@ -145,10 +183,16 @@ def _check_format(path: Path) -> None:
 class Stage:
     """A stage's directory: its manifest and its JSONL files."""
 
-    def __init__(self, path: Path, name: str):
+    def __init__(self, path: Path, name: str, run: str | None = None):
         self.path = path
         self.name = name
+        self.run = run or path.parent.name
         self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def lock_path(self) -> Path:
+        # Beside the stage's folder, not in it: a restart renames the folder, and the lock must stay put.
+        return self.path.with_name(f".{self.path.name}.lock")
 
     @property
     def manifest_path(self) -> Path:
@@ -157,7 +201,7 @@ class Stage:
     def manifest(self) -> dict | None:
         if not self.manifest_path.exists():
             return None
-        data = json.loads(self.manifest_path.read_text())
+        data = _read_manifest(self.manifest_path)
         if data.get("format_version") != FORMAT_VERSION:
             _check_format(self.manifest_path)
         return data
@@ -168,23 +212,30 @@ class Stage:
         return bool(manifest and manifest["status"] == "finished")
 
     def start(self, params: dict, restart: bool = False) -> None:
-        """Mark the stage running with these params. A rerun with other params is refused, since
-        its records would mix two settings; `restart` discards the stage's files instead."""
-        manifest = self.manifest()
-        if manifest is not None and restart:
-            for child in self.path.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child)  # checkpoints, adapters
-                else:
-                    child.unlink()
-            manifest = None
-        if manifest is not None and manifest["params"] != params:
-            changed = sorted(k for k in set(params) | set(manifest["params"])
-                             if params.get(k) != manifest["params"].get(k))
-            raise RunError(
-                f"stage {self.name!r} in {self.path} was started with other settings ({', '.join(changed)}); "
-                "resume it with the same settings, use a new run name, or restart the stage"
-            )
+        """Take the stage's lock and mark it running with these params. Another process holding the
+        lock is refused (RunError, naming its pid); so is a rerun with other params, since its
+        records would mix two settings. `restart` moves the stage's files to `<stage>.previous/`
+        (replacing an older one) and starts afresh.
+
+        The lock is held until `finish` or the end of the process. Under `accelerate launch` only
+        the main process calls this; the others write through it."""
+        taken = _take_lock(self.lock_path, self.run, self.name)
+        try:
+            if restart:
+                self._set_aside()
+            manifest = self.manifest()
+            if manifest is not None and manifest["params"] != params and self._holds_records():
+                changed = sorted(k for k in set(params) | set(manifest["params"])
+                                 if params.get(k) != manifest["params"].get(k))
+                raise RunError(
+                    f"stage {self.name!r} in {self.path} was started with other settings ({', '.join(changed)}); "
+                    "resume it with those settings, rerun with --restart (restart=True in a notebook or from "
+                    "Python) to set its results aside and start again with these, or use a new run name"
+                )
+        except BaseException:
+            if taken:  # a stage that never started must not stay locked for the life of a notebook kernel
+                _release_lock(self.lock_path)
+            raise
         _write_json_atomic(self.manifest_path, {
             "stage": self.name, "format_version": FORMAT_VERSION, "selfalign_version": __version__,
             "status": "running", "params": params,
@@ -197,12 +248,135 @@ class Stage:
             raise RunError(f"stage {self.name!r} was never started")
         manifest.update(status="finished", finished_at=_now(), counts=counts)
         _write_json_atomic(self.manifest_path, manifest)
+        # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
+        # by another process needs the lock too.
+        _release_lock(self.lock_path)
+
+    def _holds_records(self) -> bool:
+        """Whether anything was produced under the recorded settings: a start that failed before its
+        first record (a model that would not load, say) must not lock the run to its settings."""
+        return any(p.suffix == ".jsonl" and p.stat().st_size > 0 for p in self.path.iterdir() if p.is_file()) or \
+            any(p.is_dir() for p in self.path.iterdir())
+
+    def _set_aside(self) -> None:
+        contents = sorted(self.path.iterdir())
+        if not contents:
+            return
+        previous = self.path.with_name(self.path.name + PREVIOUS)
+        records = {p.name: _count_lines(p) for p in contents if p.suffix == ".jsonl" and p.is_file()}
+        folders = [f"{p.name}/" for p in contents if p.is_dir()]
+        if previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous)
+        elif previous.exists() or previous.is_symlink():
+            previous.unlink()
+        # One rename, so a kill midway leaves the files either all here or all there.
+        os.rename(self.path, previous)
+        self.path.mkdir()
+        detail = ", ".join(f"{name} {n}" for name, n in records.items())
+        print(f"restart: moved {sum(records.values())} records of {self.name}" + (f" ({detail})" if detail else "")
+              + (f" and {', '.join(folders)}" if folders else "") + f" to {previous}/", file=sys.stderr, flush=True)
 
     def writer(self, filename: str, schema: str, key: str = "id") -> "JsonlWriter":
         return JsonlWriter(self.path / filename, SCHEMAS[schema], key)
 
     def read(self, filename: str) -> list[dict]:
         return list(read_jsonl(self.path / filename))
+
+
+def _count_lines(path: Path) -> int:
+    # Raw complete lines, not parsed records: a restart is when a file may be damaged.
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.endswith(b"\n") and line.strip())
+
+
+# The stage locks this process holds: lock file -> descriptor. A second `start` of a stage in the
+# same process (a notebook cell run again, a test) reuses the lock instead of refusing itself,
+# since flock refuses a second descriptor even within one process.
+_HELD: dict[str, int] = {}
+
+
+def _take_lock(path: Path, run: str, stage: str) -> bool:
+    """Lock a stage for this process; True when taken now, False when already held (or unlockable)."""
+    key = os.path.abspath(path)
+    if key in _HELD:
+        return False
+    if fcntl is None:
+        warnings.warn(f"no file locks on this system: nothing stops a second process writing stage {stage!r}")
+        return False
+    while True:
+        try:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunError(f"run {run!r}: cannot open the lock file of stage {stage!r} ({key}): "
+                           f"{error.strerror}") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+                   if holder else "pid unknown")
+            kill = f" (kill {holder['pid']})" if holder and holder.get("host") == socket.gethostname() else ""
+            raise RunError(
+                f"run {run!r}: stage {stage!r} is being run by another process ({who}); two processes on one "
+                f"stage would write every record twice. Wait for it to end, or stop it{kill}, then rerun.")
+        except OSError as error:
+            # Some network filesystems (Lustre without -o flock) have no flock: run, but say so.
+            os.close(fd)
+            warnings.warn(f"cannot lock {key} ({error.strerror}): nothing stops a second process writing "
+                          f"stage {stage!r} of run {run!r}")
+            return False
+        # A lock file deleted by hand between open and flock would make this lock guard nothing.
+        try:
+            current = os.stat(key)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            break
+        os.close(fd)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _HELD[key] = fd
+    return True
+
+
+def _read_holder(fd: int) -> dict | None:
+    # The holder writes its pid just after it takes the lock: give it a moment.
+    for _ in range(20):
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            if isinstance(holder, dict):
+                return holder
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.025)
+    return None
+
+
+def _release_lock(path: Path) -> None:
+    fd = _HELD.pop(os.path.abspath(path), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _forget_locks_in_child() -> None:
+    # A forked child (a DataLoader worker, a multiprocessing pool) shares the parent's lock; closing
+    # its copy keeps it from holding the lock after a killed parent. Never LOCK_UN here: that would
+    # release the parent's lock too.
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def save_principles(principle_set: PrincipleSet, path: str | Path, overwrite: bo
     hash) before they replace anything; an existing file is replaced only with `overwrite`.
     """
     path = Path(path)
-    extra = path.with_name(f"{path.stem}_exemplars{path.suffix or '.yaml'}")
+    extra = exemplars_path(path)
     uncited = [e.id for e in principle_set.exemplars if not e.cites]
     if uncited:
         raise PrincipleError(f"exemplar {', '.join(uncited)} would cite no principle: keep one of its principles on")
@@ -138,10 +139,26 @@ def save_principles(principle_set: PrincipleSet, path: str | Path, overwrite: bo
             if load_principle_set(draft, draft_extra, template).hash != principle_set.hash:
                 raise PrincipleError(f"the saved files would not reproduce this principle set (is {template} "
                                      "the template it was made with?)")
-            os.replace(draft_extra, extra)
+            _replace_keeping_previous(draft_extra, extra)
             written.append(extra)
-        os.replace(draft, path)
+        _replace_keeping_previous(draft, path)
     return written
+
+
+def exemplars_path(path: Path) -> Path:
+    """Where `save_principles` writes the exemplars a saved set needs beside it."""
+    return path.with_name(f"{path.stem}_exemplars{path.suffix or '.yaml'}")
+
+
+def previous_path(path: Path) -> Path:
+    """Where an overwritten file is kept: one version back, as a restart keeps a stage's records."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def _replace_keeping_previous(draft: Path, target: Path) -> None:
+    if target.exists():
+        shutil.copy2(target, previous_path(target))
+    os.replace(draft, target)
 
 
 def _exemplars_yaml(principle_set: PrincipleSet) -> str:
@@ -311,12 +328,16 @@ class PrincipleEditor(_Shown):
                              f"changed in {int(table['triggers_changed'].sum())} (seed {self.config.seed})")
 
     def save(self, _button=None) -> None:
+        target = Path(self.save_path.value)
+        replaced = {p for p in (target, exemplars_path(target)) if p.exists()}
         try:
-            written = save_principles(self.edited(), self.save_path.value, overwrite=self.overwrite.value)
+            written = save_principles(self.edited(), target, overwrite=self.overwrite.value)
         except (PrincipleError, OSError) as error:
             self.status.value = _error(str(error))
             return
-        self.status.value = "saved " + " and ".join(html.escape(str(p)) for p in written)
+        kept = [f"the previous {p.name} is kept as {previous_path(p).name}" for p in written if p in replaced]
+        self.status.value = "saved " + " and ".join(html.escape(str(p)) for p in written) + \
+            "".join(f"; {html.escape(k)}" for k in kept)
 
 
 class ResponseInspector(_Shown):

@@ -32,6 +32,7 @@ def test_decode_floor_by_hand(bench):
     assert seconds == pytest.approx(1.32768e-3)
 
 
+@pytest.mark.slow  # a subprocess that loads the package and a model: seconds, not milliseconds
 def test_tiny_run_prints_rows_and_writes_json(bench, tmp_path, capsys):
     out = tmp_path / "result.json"
     report = bench.main(["--tiny", "--batches", "1,3", "--prompt-tokens", "12", "--new-tokens", "6",

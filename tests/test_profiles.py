@@ -12,7 +12,7 @@ from conftest import REPO
 from selfalign import paper
 from selfalign.book import CHAPTER_STAGES, notebooks, plan_book
 from selfalign.cli import main
-from selfalign.profiles import STAGES, ProfileError, load_profile, resolve
+from selfalign.profiles import STAGES, load_profile, resolve
 
 # The paper's values (IBM/Dromedary's scripts, branch dromedary_v1), written out here apart from
 # selfalign/paper.py, so that the full profile and the module's table are both checked against them.

@@ -329,7 +329,7 @@ def test_rouge_sources_decide_which_candidates_the_filter_compares(tmp_path):
     ({"red_team_scheme": "dromedary"}, "red_team_scheme must be one of topic, mixed, got 'dromedary'"),
     ({"rouge_sources": ("self_instruct", "seeds")}, r"unknown rouge_sources \['seeds'\]; choose from self_instruct"),
     ({"topics_shown": -1}, "topics_shown"),
-    ({"questions_per_request": 0}, "questions_per_request must be at least 1"),
+    ({"questions_per_request": 0}, "questions_per_request must be > 0, got 0"),
 ])
 def test_bad_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

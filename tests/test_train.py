@@ -205,6 +205,7 @@ def test_cut_to_sentence():
     assert cut_to_sentence("word") == "word"
 
 
+@pytest.mark.slow  # a subprocess that loads the package and a model: seconds, not milliseconds
 def test_chat_command_answers_each_line(tmp_path, tiny):
     write_responses(tmp_path / "responses.jsonl", n=6)
     engrave.run(engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1,
@@ -374,3 +375,11 @@ def test_total_batch_size_sets_the_accumulation():
     with pytest.raises(ValueError, match="not a multiple"):
         settings.accumulation_steps(7)
     assert TrainSettings(grad_accum=3).accumulation_steps(2) == 3
+
+
+def test_a_chat_format_with_an_unknown_field_is_refused_at_load(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text((Path(__file__).parents[1] / "principles" / "engrave_template.yaml").read_text()
+                   .replace("conversation_heading: \"## Conversation\"", "conversation_heading: \"## {weight}\""))
+    with pytest.raises(ValueError, match="t.yaml: a template cannot be filled in .*weight"):
+        ChatFormat.load(bad)

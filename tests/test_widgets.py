@@ -86,7 +86,9 @@ def test_save_writes_a_file_the_loader_reads_back(base, tmp_path):
     assert load_principle_set(path).hash == reworded.hash  # untouched by the refusal
     widgets.save_principles(base, path, overwrite=True)
     assert load_principle_set(path).hash == base.hash
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]  # no drafts left behind
+    # The replaced file is kept one version back; no drafts are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.previous.yaml", "mine.yaml"]
+    assert load_principle_set(tmp_path / "mine.previous.yaml").hash == reworded.hash
 
 
 def test_save_without_a_cited_principle_writes_exemplars_too(base, tmp_path):
@@ -188,6 +190,9 @@ def test_editor_save_refuses_to_overwrite_unless_ticked(base, tmp_path):
     editor.overwrite.value = True
     editor.save_button.click()
     assert load_principle_set(tmp_path / "mine.yaml").principle(7).text == "Be frank."
+    # Saying what an overwrite replaced, and where the old text still is.
+    assert "the previous mine.yaml is kept as mine.previous.yaml" in editor.status.value
+    assert load_principle_set(tmp_path / "mine.previous.yaml").principle(7).text == "Be candid about uncertainty."
 
 
 def test_editor_shows_a_failing_engine_instead_of_raising(base, tmp_path):

@@ -4,9 +4,10 @@ These answers are the "before" of SELF-ALIGN: the evaluation compares them with 
 verbose models' answers. The stage is also the smallest complete use of the engine and the run
 directory, so `make run` uses it as a smoke test of a fresh install.
 
-Reads: the run's stage-1 prompts (`runs/<run>/prompts/prompts.jsonl`) when they exist, else
-`principles/seed_prompts.jsonl`, or any prompt file given as `prompts`.
-Writes: `runs/<run>/baseline/answers.jsonl` (schema generation/1) and `manifest.json`.
+Reads: the run's stage-1 prompts (`runs/<run>/prompts/prompts.jsonl`, once stage 1 finished) when
+they exist, else `principles/seed_prompts.jsonl`, or any prompt file given as `prompts`.
+Writes: `runs/<run>/baseline/answers.jsonl` (schema generation/1), drops.jsonl (prompts too long
+for the model's context, with the reason) and `manifest.json`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ..generate import SamplingParams, engine_for
 from ..models import DEFAULT_MODEL
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import generate_into, generation_record, settings_of
+from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
+                     settings_of, stage_one_prompts)
 
 STAGE = "baseline"
 
@@ -40,29 +42,44 @@ class BaselineConfig:
     tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     restart: bool = False  # discard this stage's earlier results instead of resuming
 
+    def __post_init__(self):
+        check_ranges(self, non_negative=("limit", "temperature"), positive=("max_new_tokens", "batch_size",
+                     "tensor_parallel_size"), probabilities=("top_p",))
+        check_backend(self.backend)
+
 
 def run(config: BaselineConfig, loaded=None) -> dict:
     """Answer the prompts; resume where an earlier run stopped. Returns the stage's manifest."""
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
-    stage.start(settings_of(config), restart=config.restart)
-
+    # Everything that can fail without generating fails here, before the manifest records settings.
     generated = run_dir.root / "prompts" / "prompts.jsonl"
-    prompts = load_prompts(config.prompts or (generated if generated.exists() else PRINCIPLES_DIR / "seed_prompts.jsonl"))
+    if config.prompts:
+        prompts = load_prompts(config.prompts)
+    else:
+        prompts = load_prompts(stage_one_prompts(run_dir) if generated.exists() else
+                               PRINCIPLES_DIR / "seed_prompts.jsonl")
     if config.limit:
         prompts = prompts[: config.limit]
+    if loaded is None:
+        check_model(config.model, config.backend)
+    source = {row["id"]: row for row in prompts}
+    items = [(row["id"], config.template.format(prompt=row["prompt"])) for row in prompts]
+    stored = {key: row["prompt"] for key, row in source.items()}  # the records' `prompt`: the bare one
+    check_resume(stage, settings_of(config), config.restart, "answers.jsonl", items, stored)
+    stage.start(settings_of(config), restart=config.restart)
+
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                             max_new_tokens=config.max_new_tokens, stop=config.stop, seed=config.seed)
     engine = engine_for(config, loaded)
-    source = {row["id"]: row for row in prompts}
     origin = provenance(config.model, params.to_dict(), config.seed)
 
     def record(key, text, completion):
         return generation_record(key, source[key]["prompt"], completion, origin, model_input=text)
 
-    items = [(row["id"], config.template.format(prompt=row["prompt"])) for row in prompts]
-    with stage.writer("answers.jsonl", "generation/1") as writer:
-        generate_into(writer, items, engine, params, record)
-        total = len(writer)
-    stage.finish({"answers": total, "prompts": len(prompts)})
+    with stage.writer("answers.jsonl", "generation/1") as writer, stage.writer("drops.jsonl", "drop/1") as drops:
+        generate_into(writer, items, engine, params, record, drops=drops, prompts=stored,
+                      drop_fields=lambda key: {"prompt": source[key]["prompt"]})
+        total, dropped = len(writer), len(drops)
+    stage.finish({"answers": total, "prompts": len(prompts), "drops": dropped})
     return stage.manifest()

@@ -1,24 +1,47 @@
 """What generating stages share: answer keyed prompts, appending one record per prompt, resumably;
-the settings a manifest records; the shape of a generation record; drop tallies; stage tables."""
+the settings a manifest records; the shape of a generation record; drop tallies; stage tables;
+and the checks a stage makes before it starts (setting ranges, backend, model, stale records).
+
+A resume skips the ids already on disk, so each generation record carries the hash of the exact
+text the model was given (`input_sha256`): an id whose text has changed since (an edited prompt
+file, a restarted earlier stage that renumbered its ids) is refused, never answered from the old
+text. This module loads no model and writes no manifest.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Iterable
 
-from ..generate import Completion, Engine, SamplingParams
-from ..records import JsonlWriter
+from ..generate import BACKENDS, Completion, Engine, SamplingParams
+from ..models import check_model  # noqa: F401  (the stages import it from here with the other checks)
+from ..records import JsonlWriter, RunError, read_jsonl
 
 
 def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Engine, params: SamplingParams,
-                  make_record: Callable[[str, str, Completion], dict], shared_prefix: str | None = None) -> int:
-    """Generate for the (key, prompt text) items whose key the writer lacks; return how many were written.
+                  make_record: Callable[[str, str, Completion], dict], shared_prefix: str | None = None, *,
+                  drops: JsonlWriter | None = None, drop_fields: Callable[[str], dict] | None = None,
+                  prompts: dict[str, str] | None = None, earlier: dict[str, dict] | None = None) -> int:
+    """Generate for the (key, prompt text) items not yet on disk; return how many records were written.
 
-    Each record is written as soon as its batch returns, so an interruption loses at most one batch.
+    Each record is written as soon as its batch returns, so an interruption loses at most one batch,
+    and carries `input_sha256`, the hash of its text. Keys already on disk are skipped, after
+    `refuse_stale` has checked that their text is unchanged. With `drops`, a prompt too long for
+    the context is written there (id, `drop_fields(key)`, reason, its hash) and the rest go on;
+    without, the engine refuses it. `prompts` and `earlier` are as for `refuse_stale`; `earlier`
+    defaults to what the writer's and the drops' files hold.
     """
-    todo = [(key, text) for key, text in items if key not in writer]
+    if earlier is None:
+        earlier = on_disk(writer.path, drops.path if drops is not None else None)
+    refuse_stale(writer.path, items, earlier, prompts)
+    todo = [(key, text) for key, text in items if key not in writer and key not in earlier]
+    if drops is not None and todo:
+        todo = _drop_too_long(todo, engine, params, shared_prefix, drops, drop_fields)
     if not todo:
         return 0
     written = 0
@@ -26,15 +49,81 @@ def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Eng
     # Seeding by record key makes each record's sample the same whether or not the run was resumed.
     for index, completion in engine.stream(texts, params, shared_prefix, keys=keys):
         key, text = todo[index]
-        written += writer.write(make_record(key, text, completion))
+        record = make_record(key, text, completion)
+        record["input_sha256"] = input_sha256(text)  # in place: a caller may keep the record it made
+        written += writer.write(record)
     return written
+
+
+def _drop_too_long(todo, engine, params, shared_prefix, drops, drop_fields) -> list[tuple[str, str]]:
+    """Write a drop for each item too long for the engine's context; return the others."""
+    long = engine.too_long([text for _, text in todo], params, shared_prefix)
+    room = engine.context_length - params.max_new_tokens
+    for index, tokens in long.items():
+        key, text = todo[index]
+        drops.write({"id": key, **(drop_fields(key) if drop_fields else {}),
+                     "reason": f"prompt too long ({tokens} tokens; the context of {engine.context_length} leaves "
+                               f"{room} after max_new_tokens={params.max_new_tokens})",
+                     "prompt_tokens": tokens, "input_sha256": input_sha256(text)})
+    if long:
+        ids = [todo[i][0] for i in sorted(long)]
+        warnings.warn(f"{len(ids)} prompts are too long for the context and were dropped (ids "
+                      f"{', '.join(map(repr, ids[:5]))}{', ...' if len(ids) > 5 else ''}); see {drops.path}",
+                      stacklevel=3)
+    return [item for index, item in enumerate(todo) if index not in long]
+
+
+def input_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def on_disk(path: Path, drops: Path | None = None) -> dict[str, dict]:
+    """What a stage holds already, by id: the records of its generation file, and the drops of
+    prompts too long for the context (those carry `input_sha256`; other drops follow a record)."""
+    found = {}
+    if drops is not None and drops.exists():
+        found.update((row["id"], row) for row in read_jsonl(drops) if "input_sha256" in row)
+    if path.exists():
+        found.update((row["id"], row) for row in read_jsonl(path))
+    return found
+
+
+def refuse_stale(path: Path, items: Iterable[tuple[str, str]], earlier: dict[str, dict],
+                 prompts: dict[str, str] | None = None) -> None:
+    """RunError when a (key, text) item's record on disk (`earlier`, by id) was made from another
+    text: resuming would keep an answer to a prompt that is no longer the one under its id.
+
+    A record written before input hashes has only its `prompt`, which must equal the text, or
+    `prompts[key]` where the stage records the bare prompt rather than the rendered text."""
+    prompts = prompts or {}
+    stale = []
+    for key, text in items:
+        old = earlier.get(key)
+        if old is None:
+            continue
+        if "input_sha256" in old:
+            same = old["input_sha256"] == input_sha256(text)
+        else:
+            same = old.get("prompt") in (text, prompts.get(key, text))
+        if not same:
+            stale.append(key)
+    if stale:
+        shown = ", ".join(map(repr, stale[:5])) + (", ..." if len(stale) > 5 else "")
+        raise RunError(
+            f"stage {Path(path).parent.name!r}: {path} holds answers to other prompts than the ones these ids have "
+            f"now ({shown}; {len(stale)} in all): the prompt under an id changed (an edited prompt file, or an "
+            "earlier stage restarted and renumbered its ids), and resuming would keep the old answers. Rerun with "
+            "--restart (restart=True) to set this stage's results aside and answer the new prompts, or use a new "
+            "run name."
+        )
 
 
 def settings_of(config) -> dict:
     """A stage's settings as its manifest records them: all but where it runs, how it batches and
     on which backend (a run may resume on another; the records keep their shape). JSON-shaped, so
     a resumed run compares equal (tuples -> lists)."""
-    skip = ("run", "runs_dir", "restart", "batch_size", "max_batch_tokens", "backend", "tensor_parallel_size")
+    skip = ("run", "runs_dir", "restart", "allow_pickle", "batch_size", "max_batch_tokens", "backend",
+            "tensor_parallel_size")
     return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip}))
 
 
@@ -43,6 +132,57 @@ def generation_record(key: str, prompt: str, completion: Completion, origin: dic
     return {"id": key, "prompt": prompt, "completion": completion.text, "finish_reason": completion.finish_reason,
             "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
             "provenance": origin, **extra}
+
+
+def check_resume(stage, settings: dict, restart: bool, filename: str, items: Iterable[tuple[str, str]],
+                 prompts: dict[str, str] | None = None, drops: str | None = "drops.jsonl") -> None:
+    """`refuse_stale` on what the stage's files hold, for a stage to call before it starts, so that a
+    refused resume leaves the manifest (a finished stage stays finished) as it was. Skipped on a
+    restart, and where the manifest has other settings: `Stage.start` refuses those by name."""
+    manifest = stage.manifest()
+    if restart or (manifest is not None and manifest["params"] != settings):
+        return
+    path = stage.path / filename
+    refuse_stale(path, items, on_disk(path, stage.path / drops if drops else None), prompts)
+
+
+def check_ranges(config, non_negative: Iterable[str] = (), positive: Iterable[str] = (),
+                 probabilities: Iterable[str] = ()) -> None:
+    """ValueError naming each field out of range, with its value: counts, limits and budgets in
+    `non_negative` (where 0 keeps a meaning, such as limit 0 = all), sizes in `positive`, and
+    probabilities such as top_p in (0, 1]. Stage configs call it from `__post_init__`, so a bad
+    value stops a command before it writes anything."""
+    rules = ((non_negative, lambda v: v >= 0, ">= 0"), (positive, lambda v: v > 0, "> 0"),
+             (probabilities, lambda v: 0 < v <= 1, "in (0, 1]"))
+    problems = []
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{name} must be a number, got {value!r}")
+            elif not ok(value):
+                problems.append(f"{name} must be {rule}, got {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+def stage_one_prompts(run_dir) -> Path:
+    """The run's stage-1 prompt file; RunError when stage 1 has not run or not finished, since
+    a stage answering a part of its prompts would call itself finished."""
+    path = run_dir.root / "prompts" / "prompts.jsonl"
+    if not path.exists():
+        raise RunError(f"run {run_dir.name!r} has no stage-1 prompts ({path}); run `selfalign stage prompts` "
+                       "first, or pass a prompt file (--prompts FILE)")
+    if not run_dir.stage("prompts").finished:
+        raise RunError(f"stage 1 (prompts) of run {run_dir.name!r} is not finished ({path} holds the prompts so "
+                       "far); finish it (rerun `selfalign stage prompts`, it resumes), or pass a prompt file "
+                       "(--prompts FILE)")
+    return path
 
 
 def drop_reasons(rows: Iterable[dict]) -> dict[str, int]:

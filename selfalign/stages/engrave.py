@@ -29,7 +29,7 @@ from ..prompts import PRINCIPLES_DIR
 from ..records import Run, RunError, read_jsonl
 from ..train import (ChatFormat, TrainSettings, fit_and_compare, load_for_training, load_identity, process_state,
                      split_holdout, train_settings)
-from .common import settings_of
+from .common import check_model, check_ranges, settings_of
 
 STAGE = "engrave"
 
@@ -47,6 +47,12 @@ class EngraveConfig(TrainSettings):
     allow_incomplete: bool = False  # train on an unfinished stage 2's responses instead of stopping
     seed: int = 0
     restart: bool = False  # discard this stage's data, checkpoints and adapter
+
+    def __post_init__(self):
+        # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
+        check_ranges(self, non_negative=("min_examples",))
+        if not 0 <= self.holdout < 1:  # a share, and 1 would leave nothing to train on
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
 
 
 def responses_of(run_dir: Run, path: str, allow_incomplete: bool) -> tuple[list[dict], Path, str]:
@@ -87,6 +93,8 @@ def run(config: EngraveConfig, loaded=None) -> dict:
                for r in rows]
     identity = load_identity(config.identity, chat) if config.identity else []
     data_hash = hashlib.sha256(source.read_bytes()).hexdigest()
+    if loaded is None:
+        check_model(config.model, quantize=config.quantize)
     if state.is_main_process:
         # The data's hash is a setting: new responses make a new training set, not a resumable one.
         stage.start({**settings_of(config), "data_sha256": data_hash, "chat_format": chat.to_dict(),

@@ -38,7 +38,7 @@ from ..generate import Engine, SamplingParams
 from ..models import DEFAULT_MODEL, load_model
 from ..records import Run, RunError, provenance
 from ..train import ChatFormat, adapted_for_generation, adapter_info
-from .common import generate_into, generation_record, settings_of
+from .common import check_model, check_ranges, check_resume, generate_into, generation_record, settings_of
 
 STAGE = "evaluate"
 BENCHMARKS = ("truthfulqa", "hhh", "vicuna")
@@ -62,6 +62,10 @@ class EvaluateConfig:
     max_batch_tokens: int = 2048  # rows x padded width per scoring pass: long items go alone
     seed: int = 0
     restart: bool = False
+
+    def __post_init__(self):
+        check_ranges(self, non_negative=("limit", "vicuna_limit"),
+                     positive=("max_new_tokens", "batch_size", "max_batch_tokens"))
 
 
 def models_of(run_dir: Run) -> dict[str, Path | None]:
@@ -90,10 +94,19 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
     stage = run_dir.stage(STAGE)
     models = models_of(run_dir)
     chat, source = _chat_format_and_source(run_dir)
-    # The format is a setting: answers and exams asked in two formats must not share a table.
-    stage.start({**settings_of(config), "models": sorted(models), "chat_format": chat.to_dict(),
-                 "chat_format_source": source}, restart=config.restart)
+    # Everything that can fail without generating fails here, before the manifest records settings.
     data = _load_data(config)
+    if loaded is None:
+        check_model(config.model)
+    if config.judge:
+        check_model(config.judge)
+    # The format is a setting: answers and exams asked in two formats must not share a table.
+    settings = {**settings_of(config), "models": sorted(models), "chat_format": chat.to_dict(),
+                "chat_format_source": source}
+    if "vicuna" in config.benchmarks:
+        check_resume(stage, settings, config.restart, "calls.jsonl",
+                     [item for label in models for item in _vicuna_items(label, data, chat)], drops=None)
+    stage.start(settings, restart=config.restart)
     loaded = loaded or load_model(config.model)
 
     with stage.writer("items.jsonl", "eval_item/1") as items, stage.writer("summary.jsonl", "eval_summary/1") as summary:
@@ -199,13 +212,18 @@ def _answer(stage, model, label: str, questions: list[dict], chat: ChatFormat, c
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens, stop=(chat.stop,),
                             seed=config.seed)
     origin = provenance(f"{config.model}:{label}", params.to_dict(), config.seed)
-    keys = {q["question_id"]: f"{label}:{q['question_id']}" for q in questions}
+    items = _vicuna_items(label, {"vicuna": questions}, chat)
     with stage.writer("calls.jsonl", "generation/1") as calls:
-        items = [(keys[q["question_id"]], chat.prompt(q["question"])) for q in questions]
+        # Cut from the left, a long question still gets an answer, so nothing is dropped here.
         generate_into(calls, items, Engine.for_model(model, batch_size=config.batch_size, truncate="left"), params,
                       lambda key, text, completion: generation_record(key, text, completion, origin))
     by_key = {row["id"]: row["completion"].strip() for row in stage.read("calls.jsonl")}
-    return [by_key[keys[q["question_id"]]] for q in questions]
+    return [by_key[key] for key, _ in items]
+
+
+def _vicuna_items(label: str, data: dict, chat: ChatFormat) -> list[tuple[str, str]]:
+    """(call id, prompt) of one model's Vicuna answers, in question order."""
+    return [(f"{label}:{q['question_id']}", chat.prompt(q["question"])) for q in data["vicuna"]]
 
 
 def comparison(run_name: str, runs_dir: str = "runs"):

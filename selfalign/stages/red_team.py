@@ -12,11 +12,14 @@ Two sources of prompts, filtered together:
 
 Candidates are dropped (with the reason, in drops.jsonl) when too short or long, when they ask for
 images or files, or when they repeat a seed or a kept prompt: by ROUGE-L reaching the threshold for
-the sources in `rouge_sources`, word for word for the others.
+the sources in `rouge_sources`, word for word for the others. A request too long for the model's
+context is dropped there too, under its call's id, and the others go on.
 
 Every model call is stored in calls.jsonl before its results are used, and all sampling choices come
 from a seeded RNG replayed from those calls, so a rerun after an interruption rebuilds the same state
-and only makes the calls that are missing. Prompt wording lives in `principles/red_team_templates.yaml`.
+and only makes the calls that are missing. A stored call whose request text is not the one rebuilt
+(an edited seed, type or template file under the same path) is refused rather than reused.
+Prompt wording lives in `principles/red_team_templates.yaml`.
 
 Writes `runs/<run>/prompts/`: prompts.jsonl (schema prompt/1), topics.jsonl, drops.jsonl, calls.jsonl.
 """
@@ -33,7 +36,8 @@ from ..generate import Engine, SamplingParams, engine_for
 from ..models import DEFAULT_MODEL
 from ..prompts import PRINCIPLES_DIR, PromptFileError, check_templates, load_prompts, read_yaml
 from ..records import Run, provenance
-from .common import drop_reasons, generate_into, generation_record, settings_of, stage_frames
+from .common import (check_backend, check_model, check_ranges, drop_reasons, generate_into, generation_record,
+                     settings_of, stage_frames)
 
 STAGE = "prompts"
 # Self-Instruct's own list of words that mark a task a text model cannot do.
@@ -89,10 +93,16 @@ class PromptsConfig:
         unknown = sorted(set(self.rouge_sources) - set(SOURCES))
         if unknown:
             raise ValueError(f"unknown rouge_sources {unknown}; choose from {', '.join(SOURCES)}")
-        small = [name for name in ("topic_max_words", "brainstorm_calls", "k_seed_questions", "questions_per_request")
-                 if getattr(self, name) < 1] + (["topics_shown"] if self.topics_shown < 0 else [])
-        if small:
-            raise ValueError(f"{', '.join(small)} must be at least 1 (topics_shown at least 0)")
+        # 0 keeps a meaning where it is allowed: types_limit and topics_shown 0 mean all, and a
+        # count of 0 asks for none of that kind.
+        check_ranges(self, non_negative=("n_self_instruct", "k_seeds", "k_generated", "types_limit", "topics_per_type",
+                                         "topics_shown", "n_per_topic", "max_rounds", "rouge_threshold", "min_words",
+                                         "max_words", "temperature"),
+                     positive=("calls_per_round", "topic_max_words", "brainstorm_calls", "k_seed_questions",
+                               "questions_per_request", "list_max_new_tokens", "topic_max_new_tokens",
+                               "question_max_new_tokens", "batch_size", "tensor_parallel_size"),
+                     probabilities=("list_top_p", "question_top_p"))
+        check_backend(self.backend)
 
 
 @dataclass(frozen=True)
@@ -179,10 +189,13 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
     `loaded` reuses a loaded model; `engine` replaces the model altogether (tests use a scripted one).
     """
     stage = Run(config.run, config.runs_dir).stage(STAGE)
-    stage.start(settings_of(config), restart=config.restart)
+    # Everything that can fail without generating fails here, before the manifest records settings.
     seeds = _usable_seeds(config)
     types = load_red_team_types(config.types)[: config.types_limit or None]
     templates = load_templates(config.templates)
+    if engine is None and loaded is None:
+        check_model(config.model, config.backend)
+    stage.start(settings_of(config), restart=config.restart)
     if engine is None:
         engine = engine_for(config, loaded)
 
@@ -191,14 +204,18 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
             stage.writer("drops.jsonl", "drop/1") as drops, \
             stage.writer("topics.jsonl", "topic/1") as topics_file:
         done = {r["id"]: r for r in stage.read("calls.jsonl")}
+        # Calls dropped as too long for the context: a resume must not make them after all.
+        too_long = {r["id"]: r for r in stage.read("drops.jsonl") if "input_sha256" in r}
 
         def complete(items, params):
+            """The call record of each (key, text) item, made now or found on disk; None for one
+            too long for the context (a drop). A stored call whose text differs is refused."""
             def record(key, text, completion):
                 done[key] = generation_record(key, text, completion,
                                               provenance(config.model, params.to_dict(), config.seed))
                 return done[key]
-            generate_into(calls, items, engine, params, record)
-            return [done[key] for key, _ in items]
+            generate_into(calls, items, engine, params, record, drops=drops, earlier={**too_long, **done})
+            return [done.get(key) for key, _ in items]
 
         kept = [("seed", s["prompt"]) for s in seeds]  # (source, text): what new prompts must not repeat
         self_instruct = _self_instruct(config, seeds, templates, kept, complete, prompts, drops)
@@ -298,6 +315,8 @@ def _self_instruct(config, seeds, templates, kept, complete, prompts, drops) -> 
             calls.append((f"si-{round_}-{j}", text, [s["id"] for s in shown]))
         candidates = []
         for (key, _, shown), call in zip(calls, complete([(k, t) for k, t, _ in calls], params)):
+            if call is None:  # too long for the context: dropped unanswered
+                continue
             items = parse_numbered_list(call["completion"], call["finish_reason"] == "length")
             if not items:
                 drops.write({"id": key, "reason": "no list item in the model's output", "text": call["completion"]})
@@ -332,6 +351,8 @@ def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[
                 # The first call keeps the key it had when there was one, so its sample is unchanged.
                 calls.append((t, f"topics-{t.id}-{round_}" + (f"-{c}" if c else ""), text))
         for (t, key, _), call in zip(calls, complete([(key, text) for _, key, text in calls], params)):
+            if call is None:
+                continue
             seen = {s.lower() for s in t.seed_topics} | {s.lower() for s in found[t.id]}
             for m, item in enumerate(parse_numbered_list(call["completion"], call["finish_reason"] == "length")):
                 topic = _clean_topic(item)
@@ -382,6 +403,8 @@ def _topic_questions(config, types, topics, templates, complete, drops):
                                "seeds": [q for _, q in pairs], "call": key}
     candidates = []
     for (key, _), call in zip(calls, complete(calls, params)):
+        if call is None:
+            continue
         question = call["completion"].strip().split("\n")[0].strip()
         if call["finish_reason"] == "length" and not question.endswith(("?", ".")):
             drops.write({"id": key, "reason": "cut off", "text": question, **fields[key]})
@@ -444,6 +467,8 @@ def _mixed_questions(config, types, topics, templates, complete, drops):
         requests.append((hints, [_hint(n, t, topic) for n, (t, topic) in numbered], [q for *_, q in shown]))
     candidates = []
     for (key, _), (hints, expected, seeds), call in zip(calls, requests, complete(calls, params)):
+        if call is None:  # the request's drop stands for its hints
+            continue
         answers, cut = parse_mixed(call["completion"], expected, call["finish_reason"] == "length")
         for i, (t, topic) in enumerate(hints):
             # Ids come from the request and the hint's place in it, which a resume rebuilds alike.

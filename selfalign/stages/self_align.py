@@ -11,10 +11,11 @@ max_new_tokens before the answer ended, is empty or too short, copies phrases pe
 refusal, opens with any apology (`drop_apologies`, as Dromedary's filter does), or (if asked) cites
 principles the set lacks. `suppress` pushes down the first token of texts such as "Sorry" while
 sampling, as Dromedary's logit bias did. An answer that starts repeating itself is cut
-before the first repeated sentence and kept. Nothing is lost silently: raw continuations are in
-calls.jsonl, kept ones in responses.jsonl, the rest in drops.jsonl.
+before the first repeated sentence and kept. A prompt too long for the model's context is dropped
+unanswered. Nothing is lost silently: raw continuations are in calls.jsonl, kept ones in
+responses.jsonl, the rest in drops.jsonl. A resume refuses a prompt whose text changed under its id.
 
-Reads: `runs/<run>/prompts/prompts.jsonl` (or any prompt file) and `principles/`.
+Reads: `runs/<run>/prompts/prompts.jsonl` (of a finished stage 1, or any prompt file) and `principles/`.
 Writes: `runs/<run>/self_align/` calls.jsonl, responses.jsonl (schema response/1), drops.jsonl.
 """
 
@@ -28,7 +29,8 @@ from ..models import DEFAULT_MODEL
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from ..prompts import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import drop_reasons, generate_into, generation_record, settings_of, stage_frames
+from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
+                     generation_record, settings_of, stage_frames, stage_one_prompts)
 
 STAGE = "self_align"
 
@@ -56,6 +58,11 @@ class SelfAlignConfig:
     backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
     tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     restart: bool = False  # discard this stage's earlier results instead of resuming
+
+    def __post_init__(self):
+        check_ranges(self, non_negative=("limit", "temperature", "min_answer_words"),
+                     positive=("max_new_tokens", "batch_size", "tensor_parallel_size"), probabilities=("top_p",))
+        check_backend(self.backend)
 
 
 def drop_reason(parsed, finish_reason: str, query: str, principle_set: PrincipleSet, config) -> str | None:
@@ -102,16 +109,21 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
     """Answer the prompts under the principles; resume where an earlier run stopped."""
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
+    # Everything that can fail without generating fails here, before the manifest records settings.
     principle_set = load_principle_set(config.principles, config.exemplars, config.template)
     settings = {**settings_of(config), "principles_hash": principle_set.hash}  # an edited principle is a new setting
+    prompts = load_prompts(config.prompts or stage_one_prompts(run_dir))[: config.limit or None]
+    params = sampling(config)
+    if engine is None and loaded is None:
+        check_model(config.model, config.backend)
+    source = {row["id"]: row for row in prompts}
+    items = [(row["id"], render_prompt(principle_set, row["prompt"], config.assistant)) for row in prompts]
+    stored = {key: row["prompt"] for key, row in source.items()}  # the call records' `prompt`: the query
+    check_resume(stage, settings, config.restart, "calls.jsonl", items, stored)
     stage.start(settings, restart=config.restart)
 
-    prompts_file = config.prompts or run_dir.root / "prompts" / "prompts.jsonl"
-    prompts = load_prompts(prompts_file)[: config.limit or None]
-    params = sampling(config)
     if engine is None:
         engine = engine_for(config, loaded)
-    source = {row["id"]: row for row in prompts}
     origin = provenance(config.model, params.to_dict(), config.seed, principle_set.hash)
 
     with stage.writer("calls.jsonl", "generation/1") as calls, \
@@ -136,9 +148,13 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
             settle(key, completion.text, completion.finish_reason, completion.completion_tokens)
             return generation_record(key, source[key]["prompt"], completion, origin)
 
-        items = [(row["id"], render_prompt(principle_set, row["prompt"], config.assistant)) for row in prompts]
-        generate_into(calls, items, engine, params, record,
-                      shared_prefix=render_prefix(principle_set, config.assistant))
+        def drop_fields(key):
+            row = source[key]
+            return {"prompt": row["prompt"], "type": row.get("type"), "topic": row.get("topic"),
+                    "source": row.get("source")}
+
+        generate_into(calls, items, engine, params, record, render_prefix(principle_set, config.assistant),
+                      drops=drops, drop_fields=drop_fields, prompts=stored)
         # A kill between a call's record and its parsed record leaves it unsettled: settle it now.
         for call in stage.read("calls.jsonl"):
             if call["id"] not in responses and call["id"] not in drops and call["id"] in source:

@@ -14,8 +14,8 @@ The prompts are stage 3's, with the same held-out ones, so the held-out comparis
 much likelier the student finds the teacher's unseen answers than the base model does.
 
 Reads: `runs/<run>/engrave/` (data.jsonl, adapter/).
-Writes: `runs/<run>/verbose/` calls.jsonl (teacher generations), answers.jsonl, data.jsonl,
-loss.jsonl, checkpoints/, adapter/, comparison.jsonl.
+Writes: `runs/<run>/verbose/` calls.jsonl (teacher generations), answers.jsonl, drops.jsonl (prompts
+too long for the teacher's context), data.jsonl, loss.jsonl, checkpoints/, adapter/, comparison.jsonl.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from ..prompts import PRINCIPLES_DIR
 from ..records import Run, RunError, provenance
 from ..train import (ChatFormat, TrainSettings, adapted_for_generation, fit_and_compare, load_for_training,
                      process_state, read_instruction, train_settings)
-from .common import generate_into, generation_record, settings_of
+from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
+                     settings_of)
 
 STAGE = "verbose"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
@@ -58,6 +59,13 @@ class VerboseConfig(TrainSettings):
     seed: int = 0
     restart: bool = False  # discard this stage's answers, checkpoints and adapter
 
+    def __post_init__(self):
+        # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
+        check_ranges(self, non_negative=("limit", "temperature", "no_repeat_ngram_size", "min_examples"),
+                     positive=("max_new_tokens", "repetition_penalty", "batch_size", "tensor_parallel_size"),
+                     probabilities=("top_p",))
+        check_backend(self.backend)
+
 
 def cut_to_sentence(text: str) -> str:
     """A truncated answer up to its last full sentence; without one, up to its last whole word."""
@@ -77,27 +85,36 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     chat = ChatFormat.load(engraved.manifest()["params"]["template"])
     instruction = read_instruction(config.instruction)
     TrainSettings.check(config)
+    if config.backend == "vllm" and (config.no_repeat_ngram_size or config.repetition_penalty != 1.0):
+        # vLLM would refuse them at the first batch, after the manifest recorded these settings.
+        raise ValueError(f"backend 'vllm' has no no_repeat_ngram_size ({config.no_repeat_ngram_size}) and counts the "
+                         f"prompt in repetition_penalty ({config.repetition_penalty}): pass --no-repeat-ngram-size 0 "
+                         "--repetition-penalty 1.0, or use the hf backend")
+    if loaded is None:
+        check_model(config.model, config.backend, config.quantize)
     prompts = [row for row in engraved.read("data.jsonl") if row["split"] != "dropped"][: config.limit or None]
     holdout = {row["id"] for row in prompts if row["split"] == "holdout"}
     adapter_hash = hashlib.sha256((engraved.path / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    items = [(row["id"], chat.prompt(row["prompt"], instruction=instruction)) for row in prompts]
+    settings = {k: v for k, v in settings_of(config).items() if k != "train"}  # a mode, not a setting
+    settings = {**settings, "teacher_sha256": adapter_hash, "instruction_text": instruction}
+    check_resume(stage, settings, config.restart, "calls.jsonl", items, {row["id"]: row["prompt"] for row in prompts})
     if state.is_main_process:
-        settings = {k: v for k, v in settings_of(config).items() if k != "train"}  # a mode, not a setting
-        stage.start({**settings, "teacher_sha256": adapter_hash, "instruction_text": instruction},
-                    restart=config.restart)
+        stage.start(settings, restart=config.restart)
     state.wait_for_everyone()
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                             stop=(chat.stop,), seed=config.seed, repetition_penalty=config.repetition_penalty,
                             no_repeat_ngram_size=config.no_repeat_ngram_size)
     origin = provenance(f"{config.model}+engrave", params.to_dict(), config.seed)
-    with stage.writer("calls.jsonl", "generation/1") as calls:
-        pending = [row for row in prompts if row["id"] not in calls]
+    with stage.writer("calls.jsonl", "generation/1") as calls, stage.writer("drops.jsonl", "drop/1") as drops:
+        pending = [row for row in prompts if row["id"] not in calls and row["id"] not in drops]
     if pending and state.num_processes > 1:
         raise RunError(f"{len(pending)} teacher answers are still to be generated; generate them in one process "
                        f"first (selfalign stage verbose --no-train), then train under accelerate launch")
     if config.backend != "vllm":  # vLLM loads the model itself; the one for training can wait
         loaded = loaded or load_for_training(config.model, train_settings(config))
     if state.is_main_process:
-        _teach(stage, loaded, prompts, chat, instruction, params, origin, config, run_dir)
+        _teach(stage, loaded, prompts, items, params, origin, config, run_dir)
     state.wait_for_everyone()
     if not config.train:
         return stage.manifest()
@@ -109,6 +126,7 @@ def run(config: VerboseConfig, loaded=None) -> dict:
                               "instruction": instruction})
     if state.is_main_process:
         counts["answers"] = len(answers)
+        counts["drops"] = len(stage.read("drops.jsonl"))  # prompts too long for the teacher's context
         counts["cut_at_length"] = sum(a["cut_at_length"] for a in answers)
         counts["mean_answer_words"] = round(sum(len(a["answer"].split()) for a in answers) / max(len(answers), 1), 1)
         stage.finish(counts)
@@ -116,22 +134,24 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     return stage.manifest()
 
 
-def _teach(stage, loaded, prompts, chat, instruction, params, origin, config, run_dir) -> None:
-    """The teacher's answers into calls.jsonl and answers.jsonl (resumable: done ones are skipped)."""
+def _teach(stage, loaded, prompts, items, params, origin, config, run_dir) -> None:
+    """The teacher's answers to the (id, teacher prompt) items into calls.jsonl and answers.jsonl
+    (resumable: done ones are skipped); a prompt too long for the context goes to drops.jsonl."""
     source = {row["id"]: row for row in prompts}
-    with stage.writer("calls.jsonl", "generation/1") as calls, stage.writer("answers.jsonl", "answer/1") as answers:
-        todo = [row for row in prompts if row["id"] not in calls]
-        if todo:
+    with stage.writer("calls.jsonl", "generation/1") as calls, stage.writer("answers.jsonl", "answer/1") as answers, \
+            stage.writer("drops.jsonl", "drop/1") as drops:
+        if any(key not in calls and key not in drops for key, _ in items):  # else no teacher to load
             def record(key, text, completion):
                 return generation_record(key, text, completion, origin)
 
-            items = [(row["id"], chat.prompt(row["prompt"], instruction=instruction)) for row in todo]
+            options = dict(drops=drops, drop_fields=lambda key: {"prompt": source[key]["prompt"]},
+                           prompts={key: row["prompt"] for key, row in source.items()})
             adapter = run_dir.stage("engrave").path / "adapter"
             if config.backend == "vllm":
-                generate_into(calls, items, engine_for(config, adapter=str(adapter)), params, record)
+                generate_into(calls, items, engine_for(config, adapter=str(adapter)), params, record, **options)
             else:
                 with adapted_for_generation(loaded, adapter) as teacher:
-                    generate_into(calls, items, engine_for(config, teacher), params, record)
+                    generate_into(calls, items, engine_for(config, teacher), params, record, **options)
         for call in stage.read("calls.jsonl"):
             if call["id"] in answers or call["id"] not in source:
                 continue
