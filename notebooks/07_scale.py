@@ -71,6 +71,8 @@ pd.Series({
 # should differ; the rows after the table are what the paper did that no setting reproduces.
 
 # %%
+from IPython.display import display
+
 from selfalign import paper
 from selfalign.profiles import load_profile, resolve
 
@@ -80,10 +82,12 @@ print(f"profile {profile!r}, {processes} training processes: stage 3 accumulates
       f"an effective batch of {shown['engrave']['effective_batch_size']}")
 comparison = paper.chapter_table(shown)
 print(f"{int(comparison['profile differs'].sum())} of {len(comparison)} paper settings differ under {profile!r}")
-comparison.drop(columns=["source"])
+with pd.option_context("display.max_colwidth", None):  # the reasons are sentences: show them whole
+    display(comparison.drop(columns=["source"]).set_index(["stage", "setting"]))
 
 # %%
-pd.DataFrame(paper.NOT_SETTINGS, columns=["stage", "the paper", "ours", "why"])
+with pd.option_context("display.max_colwidth", None):
+    display(pd.DataFrame(paper.NOT_SETTINGS, columns=["stage", "the paper", "ours", "why"]).set_index("stage"))
 
 # %% [markdown]
 # ## Memory: what fits on which cards
