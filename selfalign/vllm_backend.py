@@ -29,6 +29,18 @@ from .generate import Completion, SamplingParams, cut_at_stop, first_token_biase
 INSTALL_HINT = "the vllm backend needs vLLM on a CUDA machine: pip install 'selfalign[vllm]'"
 
 
+def check_sampling(params: SamplingParams) -> None:
+    """ValueError for what vLLM cannot do as the other backends do; a stage calls it before it
+    starts too (it needs no vLLM), so that the refusal does not come at the first batch."""
+    if params.no_repeat_ngram_size:
+        raise ValueError(f"vLLM has no no_repeat_ngram_size (asked for {params.no_repeat_ngram_size}); "
+                         "set it to 0, or use the hf backend")
+    if params.repetition_penalty != 1.0:
+        raise ValueError(f"vLLM's repetition_penalty (asked for {params.repetition_penalty}) would also count the "
+                         "prompt's tokens, where ours counts generated ones only; set repetition_penalty to 1.0, "
+                         "or use the hf backend")
+
+
 def _import_vllm():
     try:
         import vllm
@@ -74,13 +86,7 @@ class VLLMBackend:
         return [len(self._encode(t)) for t in texts]
 
     def stream_batch(self, prompts, params: SamplingParams, seeds, shared_prefix=None, max_prompt_tokens=None):
-        if params.no_repeat_ngram_size:
-            raise ValueError(f"vLLM has no no_repeat_ngram_size (asked for {params.no_repeat_ngram_size}); "
-                             "set it to 0, or use the hf backend")
-        if params.repetition_penalty != 1.0:
-            raise ValueError(f"vLLM's repetition_penalty (asked for {params.repetition_penalty}) would also count the "
-                             "prompt's tokens, where ours counts generated ones only; set repetition_penalty to 1.0, "
-                             "or use the hf backend")
+        check_sampling(params)
         inputs = []
         for text in prompts:
             ids = self._encode(text)

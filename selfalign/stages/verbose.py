@@ -85,11 +85,13 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     chat = ChatFormat.load(engraved.manifest()["params"]["template"])
     instruction = read_instruction(config.instruction)
     TrainSettings.check(config)
-    if config.backend == "vllm" and (config.no_repeat_ngram_size or config.repetition_penalty != 1.0):
-        # vLLM would refuse them at the first batch, after the manifest recorded these settings.
-        raise ValueError(f"backend 'vllm' has no no_repeat_ngram_size ({config.no_repeat_ngram_size}) and counts the "
-                         f"prompt in repetition_penalty ({config.repetition_penalty}): pass --no-repeat-ngram-size 0 "
-                         "--repetition-penalty 1.0, or use the hf backend")
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                            stop=(chat.stop,), seed=config.seed, repetition_penalty=config.repetition_penalty,
+                            no_repeat_ngram_size=config.no_repeat_ngram_size)
+    if config.backend == "vllm":
+        from ..vllm_backend import check_sampling
+
+        check_sampling(params)  # before the manifest records these settings, not at the first batch
     if loaded is None:
         check_model(config.model, config.backend, config.quantize)
     prompts = [row for row in engraved.read("data.jsonl") if row["split"] != "dropped"][: config.limit or None]
@@ -102,9 +104,6 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     if state.is_main_process:
         stage.start(settings, restart=config.restart)
     state.wait_for_everyone()
-    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                            stop=(chat.stop,), seed=config.seed, repetition_penalty=config.repetition_penalty,
-                            no_repeat_ngram_size=config.no_repeat_ngram_size)
     origin = provenance(f"{config.model}+engrave", params.to_dict(), config.seed)
     with stage.writer("calls.jsonl", "generation/1") as calls, stage.writer("drops.jsonl", "drop/1") as drops:
         pending = [row for row in prompts if row["id"] not in calls and row["id"] not in drops]
