@@ -72,9 +72,10 @@ def completed(executed: Path) -> bool:
 
 
 def plan_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = None, overrides: dict | None = None,
-              only: list[str] | None = None) -> list[tuple[Path, dict]]:
-    """(notebook, injected parameters) for each chapter to run, without running anything.
-    Raises ProfileError for a key that no stage and no chapter takes."""
+              only: list[str] | None = None):
+    """(plan, resolved) without running anything: the plan is (notebook, injected parameters) for
+    each chapter to run, and `resolved.stages` holds the settings of the stages those chapters run
+    (what the dry run prints). Raises ProfileError for a key that no stage and no chapter takes."""
     import papermill
 
     from .profiles import ProfileError, resolve, unknown_keys
@@ -89,23 +90,18 @@ def plan_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = No
     if unknown:
         raise ProfileError(f"no stage or notebook takes the parameters {unknown}")
     resolved = resolve(profile, overrides, run=run, runs_dir=runs_dir)
-    return [(n, notebook_parameters(n, declared[n], resolved, run, runs_dir)) for n in chosen]
+    plan = [(n, notebook_parameters(n, declared[n], resolved, run, runs_dir)) for n in chosen]
+    resolved.stages = {chapter_stage(n): resolved.stages[chapter_stage(n)] for n in chosen if chapter_stage(n)}
+    return plan, resolved
 
 
-def planned_stages(plan: list[tuple[Path, dict]], resolved) -> dict:
-    """The stages the planned chapters run, with their resolved settings."""
-    names = [chapter_stage(n) for n, _ in plan if chapter_stage(n)]
-    return {name: resolved.stages[name] for name in names}
-
-
-def run_book(run: str, runs_dir: str | Path = "runs", profile: dict | None = None, overrides: dict | None = None,
-             only: list[str] | None = None, progress: bool = True, log=print) -> list[Path]:
-    """Execute the notebooks in order; return the executed copies. Raises NotebookFailed."""
+def run_book(run: str, runs_dir: str | Path, plan: list[tuple[Path, dict]], progress: bool = True,
+             log=print) -> list[Path]:
+    """Execute a `plan_book` plan in order; return the executed copies. Raises NotebookFailed."""
     import papermill
 
     from .records import Run
 
-    plan = plan_book(run, runs_dir, profile, overrides, only)
     out_dir = Run(run, Path(runs_dir).resolve()).root / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     executed_paths = []

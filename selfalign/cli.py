@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from . import config as configuration
 from .generate import HF_BACKENDS, SamplingParams
@@ -219,11 +218,9 @@ def _run(args) -> int:
         names = [name for name in STAGES if not args.only or name in args.only]
         resolved = resolve(profile, overrides, run=args.run, runs_dir=args.runs_dir, stages=names)
     else:
-        from .book import NotebookFailed, planned_stages, plan_book, run_book
+        from .book import NotebookFailed, plan_book, run_book
 
-        plan = plan_book(args.run, args.runs_dir, profile, overrides, only=args.only)
-        resolved = resolve(profile, overrides, run=args.run, runs_dir=str(Path(args.runs_dir).resolve()))
-        resolved.stages = planned_stages(plan, resolved)
+        plan, resolved = plan_book(args.run, args.runs_dir, profile, overrides, only=args.only)
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
     if args.dry_run:
@@ -231,7 +228,7 @@ def _run(args) -> int:
         return 0
     if not args.direct:
         try:
-            run_book(args.run, args.runs_dir, profile, overrides, only=args.only)
+            run_book(args.run, args.runs_dir, plan)
         except (NotebookFailed, FileNotFoundError) as failure:
             print(f"selfalign: error: {failure}", file=sys.stderr)
             return 1

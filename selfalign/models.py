@@ -207,14 +207,22 @@ def check_model(name: str, backend: str = "hf", quantize: str = "") -> None:
             raise ModelError(f"preparing model {name!r} reads a GGUF file, which needs the gguf package: "
                              "pip install gguf")
         return
+    _model_directory(name)
+
+
+def _model_directory(name: str) -> Path | None:
+    """The checked model directory a name that is not registered points at, or None for what can
+    only be a hub id; ModelError for a name that is neither."""
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelError(f"{local} is not a Hugging Face model directory (no config.json)")
-        return
+        _check_config(local / "config.json")
+        return local
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(f"{name!r} is neither a registered model ({', '.join(known_names())}) "
                          "nor an existing model directory")
+    return None
 
 
 def load_model(
@@ -243,18 +251,10 @@ def load_model(
         if KNOWN_MODELS[name_or_path].requires_bos:
             loaded.bos_prefix = _missing_bos(loaded.tokenizer)
         return loaded
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ModelError(f"{local} is not a Hugging Face model directory (no config.json)")
-        _check_config(local / "config.json")
+    local = _model_directory(name_or_path)
+    if local is not None:
         return _load_directory(str(local), name_or_path, dtype, device_map, quantize, trust_remote_code,
                                allow_pickle, "")
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise ModelError(
-            f"{name_or_path!r} is neither a registered model ({', '.join(known_names())}) "
-            "nor an existing model directory"
-        )
     # Looks like a hub id: try it, but turn the offline failure into advice.
     try:
         return _load_directory(name_or_path, name_or_path, dtype, device_map, quantize, trust_remote_code,

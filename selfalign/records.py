@@ -100,7 +100,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     # Write then rename, so a reader never sees half a manifest. The name is per process: processes
     # under `accelerate launch` create the same run directory at the same moment.
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -141,7 +141,7 @@ class Run:
         if marker.exists():
             _check_format(marker)
         else:
-            _write_json_atomic(marker, {"format_version": FORMAT_VERSION, "selfalign_version": __version__,
+            write_json_atomic(marker, {"format_version": FORMAT_VERSION, "selfalign_version": __version__,
                                         "created_at": _now()})
 
     def stage(self, name: str) -> "Stage":
@@ -236,7 +236,7 @@ class Stage:
             if taken:  # a stage that never started must not stay locked for the life of a notebook kernel
                 _release_lock(self.lock_path)
             raise
-        _write_json_atomic(self.manifest_path, {
+        write_json_atomic(self.manifest_path, {
             "stage": self.name, "format_version": FORMAT_VERSION, "selfalign_version": __version__,
             "status": "running", "params": params,
             "started_at": manifest["started_at"] if manifest else _now(), "finished_at": None, "counts": {},
@@ -247,7 +247,7 @@ class Stage:
         if manifest is None:
             raise RunError(f"stage {self.name!r} was never started")
         manifest.update(status="finished", finished_at=_now(), counts=counts)
-        _write_json_atomic(self.manifest_path, manifest)
+        write_json_atomic(self.manifest_path, manifest)
         # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
         # by another process needs the lock too.
         _release_lock(self.lock_path)

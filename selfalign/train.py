@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 import warnings
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -549,11 +550,11 @@ def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, model
                 _write_json(path / "scaler.json", accelerator.scaler.state_dict())
     accelerator.wait_for_everyone()
     if main:
-        # Written last, and whole (by a rename): a directory without it is an interrupted save and
-        # is never resumed from.
-        form = "accelerate" if fsdp else CHECKPOINT_FORMAT
-        _write_json(path / "complete.json.part", {"step": step, "format": form})
-        (path / "complete.json.part").replace(path / "complete.json")
+        from .records import write_json_atomic
+
+        # Written last, and whole: a directory without it is an interrupted save and is never
+        # resumed from.
+        write_json_atomic(path / "complete.json", {"step": step, "format": "accelerate" if fsdp else CHECKPOINT_FORMAT})
         for _, old in _complete_checkpoints(checkpoints)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -794,8 +795,6 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     score the held-out answers under the base model and the adapted one. Writes the stage's
     data.jsonl (one line per record: its split or why it was dropped), loss.jsonl, adapter/ and
     comparison.jsonl. Returns the counts for the manifest."""
-    from collections import Counter
-
     from .records import JsonlWriter, SCHEMAS
 
     # Two writers on one stage, or a file edited by hand, can repeat an id; trained on, that answer
@@ -817,8 +816,7 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     if len(answers) < config.min_examples:
         raise ValueError(
             f"only {len(answers)} training examples ({len(records) - len(identity)} records, {len(drops)} dropped, "
-            f"{len(held)} held "
-            f"out); at least min_examples={config.min_examples} are needed. Give the previous stage more "
+            f"{len(held)} held out); at least min_examples={config.min_examples} are needed. Give the previous stage more "
             "prompts (its limit), or lower min_examples.")
     if state.is_main_process:
         with JsonlWriter(stage.path / "data.jsonl", SCHEMAS["sft_example/1"]) as data:

@@ -164,7 +164,7 @@ def test_chapter_defaults_are_the_tiny_profile():
 def test_chapters_get_the_full_profiles_settings(tmp_path):
     """Whatever a chapter does not declare reaches its stage through `settings`."""
     profile = load_profile("full")
-    plan = dict(plan_book("r", tmp_path, profile, {}))
+    plan = dict(plan_book("r", tmp_path, profile, {})[0])
     resolved = resolve(profile, run="r", runs_dir=str(tmp_path.resolve()))
     for notebook, values in plan.items():
         stage = CHAPTER_STAGES.get(notebook.stem[:2])
