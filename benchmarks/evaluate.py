@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from selfalign import evaluate as ev
+from selfalign import evals as ev
+from selfalign import scoring
 from selfalign.models import DEFAULT_MODEL, load_model
 
 
@@ -54,7 +55,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average at start "
           f"{os.getloadavg()[0]:.1f}; batch size {args.batch_size}\n", flush=True)
 
-    looped, loop_seconds = timed(lambda: ev.score_one_by_one(model, tokenizer, subset))
+    looped, loop_seconds = timed(lambda: scoring.score_one_by_one(model, tokenizer, subset))
     per_pair = loop_seconds / len(subset)
     all_pairs = len(mc1_requests(everything, templates))
     rows = [("one pair at a time (loop)", args.subset, len(subset), loop_seconds)]
@@ -62,12 +63,12 @@ def main() -> None:
     for label, options in [("batched, sorted by length only", {"share_prefix": False, "share_context": False}),
                            ("+ primer prefix computed once", {"share_context": False}),
                            ("+ each question's context once (default)", {})]:
-        scores, seconds = timed(lambda options=options: ev.score_choices(
+        scores, seconds = timed(lambda options=options: scoring.score_choices(
             model, tokenizer, subset, batch_size=args.batch_size, progress=False, **options))
         worst = max(worst, max(abs(s.logprob - r.logprob) for s, r in zip(scores, looped)))
         rows.append((label, args.subset, len(subset), seconds))
 
-    scorer = ev.ModelScorer(loaded, batch_size=args.batch_size, progress=False)
+    scorer = scoring.ModelScorer(loaded, batch_size=args.batch_size, progress=False)
     result, full_seconds = timed(lambda: ev.truthfulqa_mc(scorer, everything, with_mc2=False))
 
     print("| setting | questions | pairs | seconds | s per pair | all questions, s | vs loop |")

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from selfalign.generate import Engine, SamplingParams
+from selfalign.generation import Engine, SamplingParams
 from selfalign.models import DEFAULT_MODEL, load_model
-from selfalign.prompts import PRINCIPLES_DIR, load_prompts
+from selfalign.inputs import PRINCIPLES_DIR, load_prompts
 
 
 def timed(engine, prompts, params, shared_prefix=None):

@@ -11,7 +11,7 @@ one table row per backend and batch size, printed as soon as it is done:
 - `hf-static-compile`: `model.generate(cache_implementation="static")`, which compiles the decode
   forward itself on CUDA (its default `CompileConfig`, with `dynamic=False`);
 - `engine-static` (greedy) and `engine-static-sampled` (temperature 0.7, top-p 0.95, the engine's
-  per-row seeded sampler): the engine's "hf-static" backend, `selfalign.generate.StaticDecoder`, compiled
+  per-row seeded sampler): the engine's "hf-static" backend, `selfalign.generation.StaticDecoder`, compiled
   as it is on CUDA, with the EOS check and output bookkeeping a stage pays for ("hf", the default
   backend, is `model.generate`: the `hf-dynamic` row).
 
@@ -22,7 +22,7 @@ many completions are identical.
 The floor of one decode step is the bytes it must read (every weight except the embedding table,
 of which a lookup reads `batch` rows, plus K and V of every sequence at the mean decode context)
 over the bytes per second a read-only kernel reaches (a `sum` over a large tensor); a copy's rate is
-printed too. It imports the standard library, torch, transformers and (for the engine rows) `selfalign.generate`,
+printed too. It imports the standard library, torch, transformers and (for the engine rows) `selfalign.generation`,
 downloads nothing, and deliberately does not load real weights: speed does not depend on their values.
 `--tiny` runs a 2-layer model on CPU in seconds (the compile variants are skipped there).
 """
@@ -215,7 +215,8 @@ def run_engine_static(model, prompts, new_tokens, repeats=2, sample=False):
     from transformers import LogitsProcessorList, StoppingCriteriaList
     from transformers.generation.stopping_criteria import EosTokenCriteria
 
-    from selfalign.generate import StaticDecoder, _NucleusSampler
+    from selfalign.generation import StaticDecoder
+    from selfalign.generation.sampler import NucleusSampler
 
     device, (batch, prompt_len) = prompts.device, prompts.shape
     mask = torch.ones_like(prompts)
@@ -223,7 +224,7 @@ def run_engine_static(model, prompts, new_tokens, repeats=2, sample=False):
     stopping = StoppingCriteriaList([EosTokenCriteria(2)])  # a stage always checks for EOS
 
     def decode(steps):
-        processors = LogitsProcessorList([_NucleusSampler(0.7, 0.95, range(batch), device)] if sample else [])
+        processors = LogitsProcessorList([NucleusSampler(0.7, 0.95, range(batch), device)] if sample else [])
         return decoder.decode(prompts, mask, processors, stopping, steps, 0)
 
     _, compile_s = timed(lambda: decode(new_tokens), device)  # compiles and records the step
@@ -240,7 +241,7 @@ def run_engine_static(model, prompts, new_tokens, repeats=2, sample=False):
 
 def check_engine(device) -> dict:
     """hf vs hf-static (compiled where the card allows) on a tiny random float32 model, through the Engine."""
-    from selfalign.generate import Engine, HFBackend, SamplingParams
+    from selfalign.generation import Engine, HFBackend, SamplingParams
     from selfalign.models import LoadedModel, tiny_random_model
 
     model, tokenizer = tiny_random_model()

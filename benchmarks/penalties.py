@@ -1,5 +1,5 @@
 """What stage 4's repetition controls cost: transformers' own (over prompt and output) against ours
-(over the generated tokens only, `selfalign.generate`), and no controls, in one run.
+(over the generated tokens only, `selfalign.generation.processors`), and no controls, in one run.
 
 The same batch of teacher prompts (stage 4's format, verbose instruction) is decoded with
 `model.generate` under each set of logits processors, in turns, several rounds; prints a markdown
@@ -16,10 +16,12 @@ import time
 import torch
 from transformers import LogitsProcessorList
 
-from selfalign.generate import GeneratedNoRepeatNGram, GeneratedRepetitionPenalty, _NucleusSampler, prompt_seed
+from selfalign.chat_format import ChatFormat, read_instruction
+from selfalign.generation import prompt_seed
+from selfalign.generation.processors import GeneratedNoRepeatNGram, GeneratedRepetitionPenalty
+from selfalign.generation.sampler import NucleusSampler
 from selfalign.models import DEFAULT_MODEL, load_model
-from selfalign.prompts import PRINCIPLES_DIR, load_prompts
-from selfalign.train import ChatFormat, read_instruction
+from selfalign.inputs import PRINCIPLES_DIR, load_prompts
 
 
 def decode(loaded, input_ids, mask, new_tokens, seeds, ours: bool | None) -> tuple[int, float]:
@@ -30,7 +32,7 @@ def decode(loaded, input_ids, mask, new_tokens, seeds, ours: bool | None) -> tup
         processors += [GeneratedRepetitionPenalty(1.1, width), GeneratedNoRepeatNGram(6, width)]
     elif ours is False:
         kwargs = dict(repetition_penalty=1.1, no_repeat_ngram_size=6)
-    processors.append(_NucleusSampler(0.3, 0.7, seeds, input_ids.device))
+    processors.append(NucleusSampler(0.3, 0.7, seeds, input_ids.device))
     started = time.perf_counter()
     with torch.inference_mode():
         out = loaded.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,

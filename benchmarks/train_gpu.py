@@ -2,7 +2,7 @@
 
 1. `stages`: engrave then verbose cloning on the tiny random model, on the GPU (bf16 autocast),
    through the same stage functions as on the CPU; prints their counts.
-2. `throughput`: the real training loop (`selfalign.train.train_lora`) on a LLaMA-7B-shaped model
+2. `throughput`: the real training loop (`selfalign.training.train_lora`) on a LLaMA-7B-shaped model
    with random weights in bf16 (nothing downloaded): LoRA r=16 on q/k/v/o, micro-batches of
    4 x 512 tokens, with and without gradient checkpointing. Reports tokens/s and the model FLOPs
    utilisation, counting a LoRA step as 4N FLOPs per token (forward 2N plus the backward pass
@@ -52,7 +52,7 @@ def throughput(tmp: Path, tiny: bool, checkpointing: bool, steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from selfalign.models import LoadedModel, tiny_random_model
-    from selfalign.train import Example, TrainSettings, train_lora
+    from selfalign.training import Example, TrainSettings, train_lora
 
     shape = (dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4)
              if tiny else dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32))

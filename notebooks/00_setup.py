@@ -31,7 +31,7 @@
 # package ships. For a real run, set `model` to a directory holding LLaMA-65B (or any causal LM).
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # results go to runs/<run_name>/
+run: str = "demo"  # results go to runs/<run>/
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 max_new_tokens: int = 48  # per completion
 seed: int = 0  # sampling seed
@@ -40,7 +40,7 @@ seed: int = 0  # sampling seed
 import pandas as pd
 
 from selfalign import models
-from selfalign.generate import Engine, SamplingParams
+from selfalign.generation import Engine, SamplingParams
 
 loaded = models.load_model(model)
 pd.DataFrame([{"model": loaded.name, "parameters (M)": round(loaded.model.num_parameters() / 1e6, 1),

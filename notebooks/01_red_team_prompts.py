@@ -38,7 +38,7 @@
 # same one that LLaMA-65B runs.
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # results go to runs/<run_name>/prompts/
+run: str = "demo"  # results go to runs/<run>/prompts/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf"; "hf-static" on a GPU (static cache + torch.compile); "vllm" (pip install 'selfalign[vllm]')
@@ -50,13 +50,14 @@ seed: int = 0  # sampling seed
 settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage prompts --help` lists them)
 
 # %%
-from selfalign.stages import red_team
+from selfalign import red_team
+from selfalign.stages import prompts as prompts_stage
 
-config = red_team.PromptsConfig(run=run_name, runs_dir=runs_dir, model=model, backend=backend,
-                                n_self_instruct=n_self_instruct,
-                                types_limit=types_limit, topics_per_type=topics_per_type,
-                                n_per_topic=n_per_topic, seed=seed, **settings)
-manifest = red_team.run(config)
+config = prompts_stage.PromptsConfig(run=run, runs_dir=runs_dir, model=model, backend=backend,
+                                     n_self_instruct=n_self_instruct,
+                                     types_limit=types_limit, topics_per_type=topics_per_type,
+                                     n_per_topic=n_per_topic, seed=seed, **settings)
+manifest = prompts_stage.run(config)
 {k: v for k, v in manifest["counts"].items() if k != "drops"}
 
 # %% [markdown]
@@ -67,7 +68,7 @@ manifest = red_team.run(config)
 # bar means its questions were dropped.
 
 # %%
-frames = red_team.tables(run_name, runs_dir)
+frames = prompts_stage.tables(run, runs_dir)
 prompts = frames["prompts"]
 red_team.plot_prompts_per_type(prompts);
 

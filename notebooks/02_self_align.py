@@ -33,7 +33,7 @@
 # as `unknown_citations`); a 65B base model cites them far more reliably.
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # reads runs/<run_name>/prompts/, writes runs/<run_name>/self_align/
+run: str = "demo"  # reads runs/<run>/prompts/, writes runs/<run>/self_align/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf", or "hf-static" on a GPU (static cache + torch.compile); vLLM: `selfalign stage self-align`
@@ -49,7 +49,7 @@ settings: dict = {}  # any other setting of the stage (the profile's; `selfalign
 # %%
 import pandas as pd
 
-from selfalign.generate import engine_for
+from selfalign.generation import engine_for
 from selfalign.models import load_model
 from selfalign.principles import load_principle_set, render_prompt
 from selfalign.stages import self_align
@@ -66,7 +66,7 @@ print(render_prompt(principles, "What is the weather like in Paris right now?", 
 
 # %%
 loaded = load_model(model)
-config = self_align.SelfAlignConfig(run=run_name, runs_dir=runs_dir, model=model, backend=backend,
+config = self_align.SelfAlignConfig(run=run, runs_dir=runs_dir, model=model, backend=backend,
                                     prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, assistant=assistant,
                                     seed=seed, **settings)
 manifest = self_align.run(config, loaded=loaded)
@@ -78,7 +78,7 @@ pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_fram
 # Each cell is the share of a type's responses whose thoughts cite the principle.
 
 # %%
-frames = self_align.tables(run_name, runs_dir)
+frames = self_align.tables(run, runs_dir)
 responses = frames["responses"]
 overall, per_type = self_align.trigger_stats(responses, principles)
 overall

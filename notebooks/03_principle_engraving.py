@@ -34,7 +34,7 @@
 # for. With a 135M model and a few dozen examples, expect a small, real shift, not a new model.
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # reads runs/<run_name>/self_align/, writes runs/<run_name>/engrave/
+run: str = "demo"  # reads runs/<run>/self_align/, writes runs/<run>/engrave/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model stage 2 ran
 responses: str = ""  # a response file; "": this run's stage-2 responses
@@ -51,9 +51,10 @@ settings: dict = {}  # any other setting of the stage (the profile's; `selfalign
 # %%
 import pandas as pd
 
+from selfalign.chat_format import ChatFormat
 from selfalign.models import load_model
 from selfalign.stages import engrave
-from selfalign.train import ChatFormat, plot_loss
+from selfalign.training import plot_loss
 
 chat = ChatFormat.load()
 example_prompt = chat.prompt("How do I boil an egg?")
@@ -68,14 +69,14 @@ print(example_prompt + "⟦" + chat.target("Put the egg in boiling water for nin
 
 # %%
 loaded = load_model(model)
-config = engrave.EngraveConfig(run=run_name, runs_dir=runs_dir, model=model, responses=responses,
+config = engrave.EngraveConfig(run=run, runs_dir=runs_dir, model=model, responses=responses,
                                epochs=epochs, learning_rate=learning_rate, micro_batch_size=micro_batch_size,
                                cutoff=cutoff, holdout=holdout, seed=seed, **settings)
 manifest = engrave.run(config, loaded=loaded)
 pd.Series(manifest["counts"], name="value").to_frame()
 
 # %%
-frames = engrave.tables(run_name, runs_dir)
+frames = engrave.tables(run, runs_dir)
 frames["data"]["split"].value_counts().to_frame()
 
 # %% [markdown]
@@ -110,7 +111,7 @@ engrave.plot_comparison(comparison);
 
 # %%
 held = frames["data"][frames["data"]["split"] == "holdout"].head(sample_prompts)
-answers = engrave.side_by_side(loaded, held["prompt"].tolist(), {"engraved": engrave.adapter_dir(run_name, runs_dir)},
+answers = engrave.side_by_side(loaded, held["prompt"].tolist(), {"engraved": engrave.adapter_dir(run, runs_dir)},
                                chat, max_new_tokens=sample_max_new_tokens)
 answers["stage 2 (with principles)"] = held["answer"].tolist()
 answers

@@ -34,7 +34,7 @@
 # model does.
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # reads runs/<run_name>/engrave/, writes runs/<run_name>/verbose/
+run: str = "demo"  # reads runs/<run>/engrave/, writes runs/<run>/verbose/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model stages 2 and 3 used
 max_new_tokens: int = 128  # per teacher answer (the paper: 512)
@@ -51,9 +51,10 @@ settings: dict = {}  # any other setting of the stage (the profile's; `selfalign
 # %%
 import pandas as pd
 
+from selfalign.chat_format import ChatFormat, read_instruction
 from selfalign.models import load_model
 from selfalign.stages import engrave, self_align, verbose
-from selfalign.train import ChatFormat, plot_loss, read_instruction
+from selfalign.training import plot_loss
 
 chat = ChatFormat.load()
 print(chat.prompt("How do I boil an egg?", instruction=read_instruction()))
@@ -64,7 +65,7 @@ print(chat.prompt("How do I boil an egg?", instruction=read_instruction()))
 
 # %%
 loaded = load_model(model)
-config = verbose.VerboseConfig(run=run_name, runs_dir=runs_dir, model=model, max_new_tokens=max_new_tokens,
+config = verbose.VerboseConfig(run=run, runs_dir=runs_dir, model=model, max_new_tokens=max_new_tokens,
                                limit=limit, epochs=epochs, learning_rate=learning_rate,
                                micro_batch_size=micro_batch_size, cutoff=cutoff, seed=seed, **settings)
 manifest = verbose.run(config, loaded=loaded)
@@ -78,9 +79,9 @@ pd.Series(manifest["counts"], name="value").to_frame()
 # %%
 import matplotlib.pyplot as plt
 
-frames = verbose.tables(run_name, runs_dir)
+frames = verbose.tables(run, runs_dir)
 answers = frames["answers"]
-stage_two = self_align.tables(run_name, runs_dir)["responses"]
+stage_two = self_align.tables(run, runs_dir)["responses"]
 _, ax = plt.subplots(figsize=(6, 3))
 ax.hist([stage_two["answer"].str.split().str.len(), answers["answer"].str.split().str.len()], bins=20,
         label=["stage 2", "verbose teacher"])
@@ -111,6 +112,6 @@ engrave.plot_comparison(frames["comparison"], label="verbose student");
 # %%
 held = frames["data"][frames["data"]["split"] == "holdout"].head(sample_prompts)
 engrave.side_by_side(loaded, held["prompt"].tolist(),
-                     {"engraved": engrave.adapter_dir(run_name, runs_dir),
-                      "verbose (final)": engrave.adapter_dir(run_name, runs_dir, "verbose")},
+                     {"engraved": engrave.adapter_dir(run, runs_dir),
+                      "verbose (final)": engrave.adapter_dir(run, runs_dir, "verbose")},
                      chat, max_new_tokens=sample_max_new_tokens)

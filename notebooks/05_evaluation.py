@@ -37,39 +37,42 @@
 # judge was GPT-4. With a sample of a few dozen items, differences of a few points are noise.
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # reads runs/<run_name>/engrave/ and verbose/, writes runs/<run_name>/evaluate/
+run: str = "demo"  # reads runs/<run>/engrave/ and verbose/, writes runs/<run>/evaluate/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model of the run
-data_dir: str = "../shared/data"  # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl
 benchmarks: list = ["truthfulqa", "hhh", "vicuna"]  # those whose data is missing are skipped
 limit: int = 10  # items sampled from TruthfulQA and HHH (0: all 817 and 221)
 vicuna_limit: int = 2  # Vicuna questions each model answers (0: as limit)
 max_new_tokens: int = 64  # per Vicuna answer
 judge: str = ""  # the Vicuna judge model; "": the base model
 seed: int = 0  # which items are sampled
-settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage evaluate --help` lists them)
+settings: dict = {}  # any other setting of the stage, e.g. data_dir (`selfalign stage evaluate --help` lists them)
 
 # %%
+import dataclasses
+
 import pandas as pd
 
+from selfalign.evals import plot_by_category
 from selfalign.models import load_model
 from selfalign.records import Run
-from selfalign.stages import evaluation
+from selfalign.stages import evaluate
 
-missing = sorted(set(benchmarks) - set(evaluation.available(data_dir)))
-benchmarks = [b for b in benchmarks if b not in missing]
+config = evaluate.EvaluateConfig(run=run, runs_dir=runs_dir, model=model, benchmarks=benchmarks,
+                                 limit=limit, vicuna_limit=vicuna_limit,
+                                 max_new_tokens=max_new_tokens, judge=judge, seed=seed, **settings)
+data_dir = config.data_dir
+missing = sorted(set(config.benchmarks) - set(evaluate.available(data_dir)))
 if missing:
     print(f"no data in {data_dir} for {', '.join(missing)}: those are skipped. The README says where each file "
-          "comes from; set data_dir to the folder that has them.")
-print("models:", ", ".join(evaluation.models_of(Run(run_name, runs_dir))))
+          "comes from; set data_dir (in `settings`, or `-p data_dir DIR`) to the folder that has them.")
+    config = dataclasses.replace(config, benchmarks=tuple(b for b in config.benchmarks if b not in missing))
+print("models:", ", ".join(evaluate.models_of(Run(run, runs_dir))))
 
 # %%
 loaded = load_model(model)
-config = evaluation.EvaluateConfig(run=run_name, runs_dir=runs_dir, model=model, benchmarks=benchmarks,
-                                   limit=limit, vicuna_limit=vicuna_limit, data_dir=data_dir,
-                                   max_new_tokens=max_new_tokens, judge=judge, seed=seed, **settings)
-manifest = evaluation.run(config, loaded=loaded) if benchmarks else None
-table = evaluation.comparison(run_name, runs_dir)
+manifest = evaluate.run(config, loaded=loaded) if config.benchmarks else None
+table = evaluate.comparison(run, runs_dir)
 table[~table["benchmark"].str.contains("/")].drop(columns=["note"], errors="ignore")
 
 # %% [markdown]
@@ -78,11 +81,9 @@ table[~table["benchmark"].str.contains("/")].drop(columns=["note"], errors="igno
 # MC1 of each model per category (the number in brackets is how many sampled questions it has).
 
 # %%
-per_category = evaluation.truthfulqa_by_category(run_name, runs_dir)
+per_category = evaluate.truthfulqa_by_category(run, runs_dir)
 if len(per_category):
-    ax = per_category.drop(columns="n").iloc[::-1].plot.barh(figsize=(6, 0.25 * len(per_category) + 1.5))
-    ax.set_yticklabels([f"{name} ({n})" for name, n in zip(per_category.index[::-1], per_category["n"][::-1])])
-    ax.set_xlabel("MC1")
+    plot_by_category(per_category, label="MC1")
 per_category
 
 # %% [markdown]
@@ -100,7 +101,7 @@ hhh.drop(columns=["note"], errors="ignore")
 # %%
 for note in sorted({n for n in table.get("note", []) if n}):
     print(note)
-evaluation.vicuna_answers(run_name, runs_dir, data_dir)
+evaluate.vicuna_answers(run, runs_dir, data_dir)
 
 # %% [markdown]
 # ## Which principles fired in stage 2
@@ -112,6 +113,6 @@ evaluation.vicuna_answers(run_name, runs_dir, data_dir)
 from selfalign.principles import load_principle_set
 from selfalign.stages import self_align
 
-responses = self_align.tables(run_name, runs_dir)["responses"]
+responses = self_align.tables(run, runs_dir)["responses"]
 overall, per_type = self_align.trigger_stats(responses, load_principle_set())
 overall

@@ -46,7 +46,7 @@
 # notebook in JupyterLab to use them.
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # reads runs/<run_name>/self_align/ (stage 2's records)
+run: str = "demo"  # reads runs/<run>/self_align/ (stage 2's records)
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the model that answers when you press regenerate
 regenerate_prompts: int = 3  # prompts answered before and after an edit
@@ -59,13 +59,13 @@ seed: int = 0  # sampling seed of both answers
 import pandas as pd
 
 from selfalign import widgets
-from selfalign.generate import Engine
+from selfalign.generation import Engine
 from selfalign.models import load_model
 from selfalign.principles import load_principle_set
 from selfalign.stages.self_align import SelfAlignConfig
 
 principles = load_principle_set()
-records = widgets.load_records(run_name, runs_dir)
+records = widgets.load_records(run, runs_dir)
 pd.DataFrame(records, columns=["status", "type"]).fillna({"type": widgets.SELF_INSTRUCT}).value_counts().to_frame()
 
 # %% [markdown]

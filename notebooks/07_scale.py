@@ -34,7 +34,7 @@
 # (`benchmarks/generation_gpu.py` prints tokens/s and the percentage of the floor on your card).
 
 # %% tags=["parameters"]
-run_name: str = "demo"  # unused here (no run files are read); kept so every chapter takes the same parameters
+run: str = "demo"  # unused here (no run files are read); kept so every chapter takes the same parameters
 model_shape: str = "llama-65b"  # "llama-7b", "llama-65b", or a model directory / config.json
 prompt_count: int = 367_718  # prompts kept after stage 1 (the paper: 267,597 Self-Instruct + 99,121 red-team)
 gpu: str = "H100"  # H100, H200 or A100: its memory, bandwidth and peak FLOPs

@@ -32,7 +32,7 @@ def notebook_parameters(notebook: Path, declared: set[str], resolved, run: str, 
 
     from .profiles import RUN_FIELDS, _jsonable
 
-    values = {k: v for k, v in {"run_name": run, "runs_dir": runs_dir}.items() if k in declared}
+    values = {k: v for k, v in {"run": run, "runs_dir": runs_dir}.items() if k in declared}
     stage = chapter_stage(notebook)
     config = resolved.stages.get(stage) if stage else None
     fields = _jsonable(dataclasses.asdict(config)) if config is not None else {}

@@ -9,10 +9,10 @@ import sys
 import time
 
 from . import config as configuration
-from .generate import HF_BACKENDS, SamplingParams
+from .generation import HF_BACKENDS, SamplingParams
 from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, converted_dir, load_model, prepare
-from .prompts import PromptFileError
-from .records import Run, RunError
+from .inputs import PromptFileError
+from .records import Run, RunError, adapter_path
 from .principles import PrincipleError
 from .profiles import STAGES, ProfileError, load_profile, resolve, unknown_keys
 
@@ -133,9 +133,10 @@ def _model_prepare(args) -> int:
 
 
 def _generate(args) -> int:
-    from .generate import Engine
+    from .generation import Engine
 
-    from .train import ChatFormat, adapter_info, apply_adapter, generation_model
+    from .chat_format import ChatFormat
+    from .training import adapter_info, apply_adapter, generation_model
 
     loaded = load_model(args.model)
     prompts, stops = args.prompts, tuple(args.stop)
@@ -161,10 +162,11 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
-    from .generate import Engine
-    from .train import ChatFormat, adapter_info, apply_adapter, generation_model
+    from .generation import Engine
+    from .chat_format import ChatFormat
+    from .training import adapter_info, apply_adapter, generation_model
 
-    adapter = Run(args.run, args.runs_dir).root / args.stage / "adapter"
+    adapter = adapter_path(Run(args.run, args.runs_dir).root / args.stage)  # .stage() would create the folder
     info = adapter_info(adapter) if adapter.exists() else None
     if not info:
         raise RunError(f"no {args.stage} adapter made by selfalign in {adapter}; run `selfalign stage {args.stage} "

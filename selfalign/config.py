@@ -1,7 +1,9 @@
 """Stage settings are dataclasses; this turns one into command-line flags and back.
 
 The notebooks' `parameters` cells and the CLI are two views of the same dataclass, so a setting
-has one name, one default and one type everywhere.
+has one name, one default and one type everywhere. The fields every stage repeats are declared
+once here: `StageSettings` (where a run lives, which model, the seed, restart) and
+`GenerationSettings` (batching and the backend of the stages that generate).
 """
 
 from __future__ import annotations
@@ -9,6 +11,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from dataclasses import dataclass
+
+from .models import DEFAULT_MODEL
+
+
+@dataclass
+class StageSettings:
+    run: str = "demo"  # run name: a stage reads and writes <runs_dir>/<run>/<stage>/
+    runs_dir: str = "runs"
+    model: str = DEFAULT_MODEL  # the base model: a registered name, a model directory or a hub id
+    seed: int = 0
+    restart: bool = False  # move this stage's earlier results to <stage>.previous/ and start again
+
+
+@dataclass
+class GenerationSettings(StageSettings):
+    batch_size: int = 8
+    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
+    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_class) -> None:

@@ -247,18 +247,18 @@ def load_model(
     if name_or_path in KNOWN_MODELS:
         path = prepare(name_or_path)
         loaded = _load_directory(str(path), name_or_path, dtype, device_map, quantize, trust_remote_code,
-                                 allow_pickle, "")
+                                 allow_pickle)
         if KNOWN_MODELS[name_or_path].requires_bos:
             loaded.bos_prefix = _missing_bos(loaded.tokenizer)
         return loaded
     local = _model_directory(name_or_path)
     if local is not None:
         return _load_directory(str(local), name_or_path, dtype, device_map, quantize, trust_remote_code,
-                               allow_pickle, "")
+                               allow_pickle)
     # Looks like a hub id: try it, but turn the offline failure into advice.
     try:
         return _load_directory(name_or_path, name_or_path, dtype, device_map, quantize, trust_remote_code,
-                               allow_pickle, "")
+                               allow_pickle)
     except OSError as error:
         raise ModelError(
             f"could not load {name_or_path!r} as a hub id ({error.__class__.__name__}); no model hub may be "
@@ -310,7 +310,7 @@ def _torch_dtype(dtype: str):
     return choices[dtype]
 
 
-def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, allow_pickle, bos):
+def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, allow_pickle):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -335,7 +335,7 @@ def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, 
         model.to("cuda")
     model.eval()
     _ensure_pad_token(tokenizer)
-    return LoadedModel(model, tokenizer, name, path, bos)
+    return LoadedModel(model, tokenizer, name, path)
 
 
 def _bitsandbytes_config(quantize: str):

@@ -24,16 +24,16 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from .stages import baseline, engrave, evaluation, red_team, self_align, verbose
+from .stages import baseline, engrave, evaluate, prompts, self_align, verbose
 
 # Stages in pipeline order: CLI name -> (settings dataclass, run function).
 STAGES = {
-    "prompts": (red_team.PromptsConfig, red_team.run),
+    "prompts": (prompts.PromptsConfig, prompts.run),
     "self-align": (self_align.SelfAlignConfig, self_align.run),
     "baseline": (baseline.BaselineConfig, baseline.run),
     "engrave": (engrave.EngraveConfig, engrave.run),
     "verbose": (verbose.VerboseConfig, verbose.run),
-    "evaluate": (evaluation.EvaluateConfig, evaluation.run),
+    "evaluate": (evaluate.EvaluateConfig, evaluate.run),
 }
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 # Where a run goes comes from --run and --runs-dir; --restart and --allow-pickle are decisions about

@@ -9,7 +9,7 @@ resumes without duplicates.
 Each record names its schema (`"schema": "generation/1"`) and carries provenance (model,
 generation parameters, principle-set hash, seed). This module does not know what stages compute.
 
-One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`) on
+One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`, see `locking`) on
 `runs/<run>/.<stage>.lock` and holds it until the stage finishes or the process ends, however it
 ends, so a kill -9 leaves no stale lock. A restart sets the stage's files aside in
 `runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through `Run`, which
@@ -23,20 +23,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import __version__
-
-try:
-    import fcntl
-except ImportError:  # Windows: stages run unlocked (see _take_lock)
-    fcntl = None
+from .locking import LockError, release_lock, take_lock
 
 FORMAT_VERSION = 1  # the layout of run directories; runs made under another one are refused
 
@@ -63,8 +56,6 @@ class Schema:
                 raise ValueError(f"{self.tag} record field {key!r} should be {kind}, got "
                                  f"{type(record[key]).__name__}: {_short(record)}")
 
-
-PROVENANCE = {"model": str, "generation": dict, "principles_hash": (str, type(None)), "seed": int}
 
 SCHEMAS = {
     s.tag: s
@@ -180,6 +171,11 @@ def _check_format(path: Path) -> None:
         )
 
 
+def adapter_path(stage_dir: str | os.PathLike) -> Path:
+    """Where a training stage (engrave, verbose) keeps its LoRA adapter: the one place it is named."""
+    return Path(stage_dir) / "adapter"
+
+
 class Stage:
     """A stage's directory: its manifest and its JSONL files."""
 
@@ -197,6 +193,10 @@ class Stage:
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
+
+    @property
+    def adapter(self) -> Path:
+        return adapter_path(self.path)
 
     def manifest(self) -> dict | None:
         if not self.manifest_path.exists():
@@ -219,7 +219,10 @@ class Stage:
 
         The lock is held until `finish` or the end of the process. Under `accelerate launch` only
         the main process calls this; the others write through it."""
-        taken = _take_lock(self.lock_path, self.run, self.name)
+        try:
+            taken = take_lock(self.lock_path, self.run, self.name)
+        except LockError as error:  # to a caller, a stage locked by another process is a run not usable now
+            raise RunError(str(error)) from error
         try:
             if restart:
                 self._set_aside()
@@ -234,7 +237,7 @@ class Stage:
                 )
         except BaseException:
             if taken:  # a stage that never started must not stay locked for the life of a notebook kernel
-                _release_lock(self.lock_path)
+                release_lock(self.lock_path)
             raise
         write_json_atomic(self.manifest_path, {
             "stage": self.name, "format_version": FORMAT_VERSION, "selfalign_version": __version__,
@@ -250,7 +253,7 @@ class Stage:
         write_json_atomic(self.manifest_path, manifest)
         # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
         # by another process needs the lock too.
-        _release_lock(self.lock_path)
+        release_lock(self.lock_path)
 
     def _holds_records(self) -> bool:
         """Whether anything was produced under the recorded settings: a start that failed before its
@@ -287,96 +290,6 @@ def _count_lines(path: Path) -> int:
     # Raw complete lines, not parsed records: a restart is when a file may be damaged.
     with open(path, "rb") as handle:
         return sum(1 for line in handle if line.endswith(b"\n") and line.strip())
-
-
-# The stage locks this process holds: lock file -> descriptor. A second `start` of a stage in the
-# same process (a notebook cell run again, a test) reuses the lock instead of refusing itself,
-# since flock refuses a second descriptor even within one process.
-_HELD: dict[str, int] = {}
-
-
-def _take_lock(path: Path, run: str, stage: str) -> bool:
-    """Lock a stage for this process; True when taken now, False when already held (or unlockable)."""
-    key = os.path.abspath(path)
-    if key in _HELD:
-        return False
-    if fcntl is None:
-        warnings.warn(f"no file locks on this system: nothing stops a second process writing stage {stage!r}")
-        return False
-    while True:
-        try:
-            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise RunError(f"run {run!r}: cannot open the lock file of stage {stage!r} ({key}): "
-                           f"{error.strerror}") from error
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
-                   if holder else "pid unknown")
-            kill = f" (kill {holder['pid']})" if holder and holder.get("host") == socket.gethostname() else ""
-            raise RunError(
-                f"run {run!r}: stage {stage!r} is being run by another process ({who}); two processes on one "
-                f"stage would write every record twice. Wait for it to end, or stop it{kill}, then rerun.")
-        except OSError as error:
-            # Some network filesystems (Lustre without -o flock) have no flock: run, but say so.
-            os.close(fd)
-            warnings.warn(f"cannot lock {key} ({error.strerror}): nothing stops a second process writing "
-                          f"stage {stage!r} of run {run!r}")
-            return False
-        # A lock file deleted by hand between open and flock would make this lock guard nothing.
-        try:
-            current = os.stat(key)
-        except FileNotFoundError:
-            current = None
-        opened = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
-            break
-        os.close(fd)
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    _HELD[key] = fd
-    return True
-
-
-def _read_holder(fd: int) -> dict | None:
-    # The holder writes its pid just after it takes the lock: give it a moment.
-    for _ in range(20):
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0))
-            if isinstance(holder, dict):
-                return holder
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.025)
-    return None
-
-
-def _release_lock(path: Path) -> None:
-    fd = _HELD.pop(os.path.abspath(path), None)
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _forget_locks_in_child() -> None:
-    # A forked child (a DataLoader worker, a multiprocessing pool) shares the parent's lock; closing
-    # its copy keeps it from holding the lock after a killed parent. Never LOCK_UN here: that would
-    # release the parent's lock too.
-    for fd in _HELD.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:

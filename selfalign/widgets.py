@@ -27,7 +27,7 @@ import ipywidgets as w
 import yaml
 
 from .principles import PrincipleError, PrincipleSet, load_principle_set, render_prompt, rules_sentence
-from .prompts import PRINCIPLES_DIR
+from .inputs import PRINCIPLES_DIR
 from .records import Run
 from .stages import self_align
 from .stages.common import drop_reasons
@@ -169,13 +169,13 @@ def _exemplars_yaml(principle_set: PrincipleSet) -> str:
 
 # ---- records: pure functions ----
 
-def load_records(run_name: str, runs_dir: str | Path = "runs", stage: str = self_align.STAGE) -> list[dict]:
+def load_records(run: str, runs_dir: str | Path = "runs", stage: str = self_align.STAGE) -> list[dict]:
     """A stage's kept (responses.jsonl) and dropped (drops.jsonl) records, each with `status`
     ("kept" or "dropped") and `raw`, the model's whole continuation (from calls.jsonl)."""
-    if not (Path(runs_dir) / run_name / stage).is_dir():
-        raise FileNotFoundError(f"{Path(runs_dir) / run_name / stage} does not exist: run stage 2 first "
-                                f"(notebook 02, or `selfalign stage self-align --run {run_name}`)")
-    where = Run(run_name, runs_dir).stage(stage)
+    if not (Path(runs_dir) / run / stage).is_dir():
+        raise FileNotFoundError(f"{Path(runs_dir) / run / stage} does not exist: run stage 2 first "
+                                f"(notebook 02, or `selfalign stage self-align --run {run}`)")
+    where = Run(run, runs_dir).stage(stage)
 
     def read(name: str) -> list[dict]:
         return where.read(name) if (where.path / name).exists() else []

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.generate import FINISH_REASONS, Completion, Engine, HFBackend, SamplingParams, cut_at_stop, engine_for
+from selfalign.generation import (FINISH_REASONS, Completion, Engine, HFBackend, SamplingParams, cut_at_stop,
+                                  engine_for)
 from selfalign.records import SCHEMAS
 from selfalign.stages.common import generation_record
 
@@ -178,7 +179,7 @@ def _output(text, token_ids, finish_reason, stop_reason=None):
 
 
 def test_vllm_finish_reasons_map_onto_ours():
-    from selfalign.vllm_backend import completion_of
+    from selfalign.generation.vllm import completion_of
 
     params = SamplingParams(stop=("\nUser:",))
     assert completion_of(_output("hi", [5, 2], "stop"), 7, params) == Completion("hi", "eos", 7, 2)
@@ -193,7 +194,7 @@ def test_vllm_finish_reasons_map_onto_ours():
 
 
 def test_vllm_refuses_what_it_cannot_do(vllm_module, tiny_dir):
-    from selfalign.vllm_backend import VLLMBackend
+    from selfalign.generation.vllm import VLLMBackend
 
     backend = VLLMBackend(str(tiny_dir))
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
@@ -205,8 +206,8 @@ def test_vllm_refuses_what_it_cannot_do(vllm_module, tiny_dir):
 
 
 def test_vllm_gets_logit_bias_as_token_ids(vllm_module, tiny_dir, monkeypatch):
-    from selfalign.generate import first_token_biases
-    from selfalign.vllm_backend import VLLMBackend
+    from selfalign.generation import first_token_biases
+    from selfalign.generation.vllm import VLLMBackend
 
     backend = VLLMBackend(str(tiny_dir))
     calls = []
@@ -232,7 +233,7 @@ def test_vllm_gets_logit_bias_as_token_ids(vllm_module, tiny_dir, monkeypatch):
 
 
 def test_without_vllm_the_backend_says_how_to_install_it(tiny_dir, monkeypatch):
-    from selfalign.vllm_backend import VLLMBackend
+    from selfalign.generation.vllm import VLLMBackend
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
     with pytest.raises(ImportError, match=r"selfalign\[vllm\]"):

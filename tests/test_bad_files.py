@@ -12,9 +12,9 @@ from typing import Callable
 import pytest
 import yaml
 
-from selfalign import evaluate
+from selfalign import evals
 from selfalign.cli import main
-from selfalign.prompts import PRINCIPLES_DIR
+from selfalign.inputs import PRINCIPLES_DIR
 
 SHIPPED = {name: (PRINCIPLES_DIR / name).read_text(encoding="utf-8")
            for name in ("principles.yaml", "exemplars.yaml", "self_align_template.yaml")}
@@ -137,7 +137,7 @@ CASES = [
     principles_case("apology-openings-a-string", "self_align_template.yaml",
                     SHIPPED["self_align_template.yaml"].split("apology_openings:")[0] + 'apology_openings: "Sorry"\n',
                     "{path}: 'apology_openings' must be a list of non-empty texts, got the text 'Sorry'"),
-    # prompt files (prompts.py)
+    # prompt files (inputs.py)
     prompts_case("prompt-line-a-json-list", '{"id": "a", "prompt": "Hi"}\n["Hello?"]\n',
                  "{path}:2: expected a JSON object with a 'prompt', got a list"),
     prompts_case("prompt-line-a-json-string", '"Hello?"\n',
@@ -157,28 +157,28 @@ CASES = [
          setup=failing_writes(errno.EROFS)),
     Case("disk-full", {}, "No space left on device", argv=lambda tmp: stage_two(tmp)[:-2],
          setup=failing_writes(errno.ENOSPC)),
-    # benchmark files (evaluate.py)
+    # benchmark files (selfalign/evals/)
     Case("truthfulqa-empty", {"truthfulqa.csv": ""}, "{path}: not a CSV file with a header line",
-         loader=lambda tmp: evaluate.load_truthfulqa(tmp / "truthfulqa.csv"), error=evaluate.EvalDataError),
+         loader=lambda tmp: evals.load_truthfulqa(tmp / "truthfulqa.csv"), error=evals.EvalDataError),
     Case("truthfulqa-header-only", {"truthfulqa.csv": HEADER}, "{path} holds no question",
-         loader=lambda tmp: evaluate.load_truthfulqa(tmp / "truthfulqa.csv"), error=evaluate.EvalDataError),
+         loader=lambda tmp: evals.load_truthfulqa(tmp / "truthfulqa.csv"), error=evals.EvalDataError),
     Case("truthfulqa-not-utf8", {"truthfulqa.csv": latin1(HEADER + "Adversarial,Food,Is café open?,Yes,Yes,No\n")},
-         "{path}:2: not UTF-8 text", loader=lambda tmp: evaluate.load_truthfulqa(tmp / "truthfulqa.csv"),
-         error=evaluate.EvalDataError),
+         "{path}:2: not UTF-8 text", loader=lambda tmp: evals.load_truthfulqa(tmp / "truthfulqa.csv"),
+         error=evals.EvalDataError),
     Case("hhh-not-json", {"hhh/harmless.json": '{"examples": [\n'}, "{path}:2: not valid JSON",
-         loader=lambda tmp: evaluate.load_hhh(tmp / "hhh", ["harmless"]), error=evaluate.EvalDataError),
+         loader=lambda tmp: evals.load_hhh(tmp / "hhh", ["harmless"]), error=evals.EvalDataError),
     Case("hhh-no-examples", {"hhh/harmless.json": '{"name": "hhh"}'}, "{path}: expected BIG-bench's task.json",
-         loader=lambda tmp: evaluate.load_hhh(tmp / "hhh", ["harmless"]), error=evaluate.EvalDataError),
+         loader=lambda tmp: evals.load_hhh(tmp / "hhh", ["harmless"]), error=evals.EvalDataError),
     Case("hhh-one-answer", {"hhh/harmless.json": json.dumps({"examples": [{"input": "Hi",
                                                                              "target_scores": {"Hello": 1}}]})},
          "{path} example 0: expected an 'input' text and 'target_scores' mapping two answers to 1 and 0",
-         loader=lambda tmp: evaluate.load_hhh(tmp / "hhh", ["harmless"]), error=evaluate.EvalDataError),
+         loader=lambda tmp: evals.load_hhh(tmp / "hhh", ["harmless"]), error=evals.EvalDataError),
     Case("vicuna-not-json", {"vicuna.jsonl": '{"question_id": 1, "turns": ["Hi"]}\nnot json\n'},
-         "{path}:2: not valid JSON", loader=lambda tmp: evaluate.load_vicuna_questions(tmp / "vicuna.jsonl"),
-         error=evaluate.EvalDataError),
+         "{path}:2: not valid JSON", loader=lambda tmp: evals.load_vicuna_questions(tmp / "vicuna.jsonl"),
+         error=evals.EvalDataError),
     Case("vicuna-turns-a-string", {"vicuna.jsonl": '{"question_id": 1, "turns": "Hi"}\n'},
          "{path}:1: expected an object with a 'question_id' and 'turns', a non-empty list of texts",
-         loader=lambda tmp: evaluate.load_vicuna_questions(tmp / "vicuna.jsonl"), error=evaluate.EvalDataError),
+         loader=lambda tmp: evals.load_vicuna_questions(tmp / "vicuna.jsonl"), error=evals.EvalDataError),
     # a run's records
     Case("manifest-truncated", {"runs/r/self_align/manifest.json": '{"stage": "self_align", "sta'}, "{path}",
          argv=lambda tmp: ["status", "--run", "r", "--runs-dir", str(tmp / "runs")]),

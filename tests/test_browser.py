@@ -27,7 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NOTEBOOK = "06_explore_principles.ipynb"
-PARAMETERS = {"run_name": "web", "model": "tiny-random", "max_new_tokens": 8, "regenerate_prompts": 2}
+PARAMETERS = {"run": "web", "model": "tiny-random", "max_new_tokens": 8, "regenerate_prompts": 2}
 WAIT_MS = 180_000  # kernel start, torch import and the first cells, on 2 busy cores
 
 
@@ -153,7 +153,7 @@ def test_edit_a_principle_and_regenerate_in_jupyterlab(browser_context, lab, not
         assert "7 Candor: reworded" in edits and "15 Creative: off" in edits, edits
         assert page.locator("table.selfalign-comparison tr").count() == 1 + PARAMETERS["regenerate_prompts"]
         # The inspector's filters reach the kernel too; the explorer shows its heatmap; no cell raised.
-        records = widgets.load_records(PARAMETERS["run_name"], notebook_root.parent / "runs")
+        records = widgets.load_records(PARAMETERS["run"], notebook_root.parent / "runs")
         kept = sum(r["status"] == "kept" for r in records)
         page.get_by_text(f"{len(records)} of {len(records)} records", exact=True).wait_for()
         page.get_by_label("drop reason").select_option(label="(kept)")

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from selfalign.models import LoadedModel, tiny_random_model
-from selfalign.train import ChatFormat, CheckpointError, TrainSettings, build_examples, train_lora
+from selfalign.chat_format import ChatFormat
+from selfalign.training import CheckpointError, TrainSettings, build_examples, train_lora
 
 CHAT = ChatFormat.load()
 # 8 examples in micro-batches of 4 for 3 epochs: 6 steps, checkpoints at 2, 4 and 6 (the last two kept).

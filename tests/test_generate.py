@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from selfalign.generate import (Completion, Engine, HFBackend, PromptTooLongError, SamplingParams, cut_at_stop,
-                                prompt_seed)
+from selfalign.generation import (Completion, Engine, HFBackend, PromptTooLongError, SamplingParams, cut_at_stop,
+                                  prompt_seed)
 
 PROMPTS = ["User: hello there", "User: what is the capital of France? Assistant:", "x",
            "The quick brown fox jumps over the lazy dog", "I should follow rules 1 and 2"]
@@ -37,17 +37,17 @@ def test_a_prompts_sample_does_not_depend_on_its_batch(tiny, seed):
 
 
 def test_nucleus_sampler_matches_the_distribution():
-    from selfalign.generate import _NucleusSampler
+    from selfalign.generation.sampler import NucleusSampler
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = torch.stack([_NucleusSampler(1.0, 0.7, [s], "cpu", candidates=2)(None, logits).argmax(-1)
+    draws = torch.stack([NucleusSampler(1.0, 0.7, [s], "cpu", candidates=2)(None, logits).argmax(-1)
                          for s in range(2000)]).flatten()
     counts = torch.bincount(draws, minlength=4).float() / len(draws)
     # top_p=0.7 keeps 0.5 and 0.3 (the mass before 0.3 is 0.5 < 0.7; before 0.15 it is 0.8).
     assert counts[2:].sum() == 0
     assert abs(counts[0] - 0.625) < 0.04 and abs(counts[1] - 0.375) < 0.04
     # With candidates=1 the nucleus is not inside the candidates: the full sort path must agree.
-    full = torch.stack([_NucleusSampler(1.0, 0.7, [s], "cpu", candidates=1)(None, logits).argmax(-1)
+    full = torch.stack([NucleusSampler(1.0, 0.7, [s], "cpu", candidates=1)(None, logits).argmax(-1)
                         for s in range(2000)]).flatten()
     assert torch.equal(full, draws)
 
@@ -174,7 +174,7 @@ def test_repeated_prompts_in_separate_batches_are_sampled_apart(tiny):
 def test_repetition_penalty_counts_generated_tokens_only():
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    from selfalign.generate import GeneratedRepetitionPenalty
+    from selfalign.generation.processors import GeneratedRepetitionPenalty
 
     prompt, generated = [10, 11, 12], [13, 3, 13]
     scores = torch.linspace(-2, 2, 20)[None]  # token 3 has a negative logit, 13 a positive one
@@ -194,7 +194,7 @@ def test_repetition_penalty_counts_generated_tokens_only():
 def test_no_repeat_ngram_bans_generated_ngrams_only():
     from transformers import NoRepeatNGramLogitsProcessor
 
-    from selfalign.generate import GeneratedNoRepeatNGram
+    from selfalign.generation.processors import GeneratedNoRepeatNGram
 
     a, b, c, d, e, f, x = range(1, 8)
     scores = torch.zeros(1, 10)
@@ -234,7 +234,7 @@ def test_a_prompts_ngram_can_be_generated_again(tiny, backend, monkeypatch):
 
 
 def test_logit_bias_goes_to_a_texts_first_token_with_and_without_a_space(tiny):
-    from selfalign.generate import first_token_biases
+    from selfalign.generation import first_token_biases
 
     tokenizer = tiny.tokenizer
     first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
@@ -247,7 +247,7 @@ def test_logit_bias_goes_to_a_texts_first_token_with_and_without_a_space(tiny):
 
 
 def test_a_big_negative_logit_bias_keeps_a_texts_first_token_out(tiny, monkeypatch):
-    from selfalign.generate import first_token_biases
+    from selfalign.generation import first_token_biases
 
     backend = HFBackend(tiny)
     generated: list[list[int]] = []

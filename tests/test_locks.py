@@ -147,7 +147,8 @@ def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path, holder_scr
 
 def test_training_refuses_records_that_repeat_an_id(tmp_path, tiny):
     from selfalign.stages.engrave import EngraveConfig
-    from selfalign.train import ChatFormat, fit_and_compare
+    from selfalign.chat_format import ChatFormat
+    from selfalign.training import fit_and_compare
 
     stage = Run("r", tmp_path).stage("engrave")
     records = [{"id": f"r{i}", "prompt": f"What is {i}?", "answer": f"It is {i}."} for i in range(6)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from selfalign import models
-from selfalign.generate import Engine, SamplingParams
+from selfalign.generation import Engine, SamplingParams
 from selfalign.models import ModelError, load_model
 
 

@@ -7,14 +7,13 @@ from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 # Small, CPU-quick settings, injected after the parameters cell as papermill would.
-TINY = {"model": "tiny-random", "run_name": "nbtest", "n_self_instruct": 2, "types_limit": 2,
+TINY = {"model": "tiny-random", "run": "nbtest", "n_self_instruct": 2, "types_limit": 2,
         "max_new_tokens": 8, "limit": 4, "ablation_prompts": 2,
         # stage 2 on its own needs prompts; a random model's stage 1 keeps few or none
         "prompts": str(REPO / "principles" / "seed_prompts.jsonl"),
         # stage 3 needs answers a random model cannot write
         "responses": str(REPO / "tests" / "data" / "responses.jsonl"),
-        "epochs": 1, "sample_prompts": 1, "sample_max_new_tokens": 4,
-        "data_dir": str(REPO.parent / "shared" / "data"), "vicuna_limit": 2}
+        "epochs": 1, "sample_prompts": 1, "sample_max_new_tokens": 4, "vicuna_limit": 2}
 
 
 def cells(notebook):

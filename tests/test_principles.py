@@ -3,7 +3,7 @@ import pytest
 
 from selfalign.principles import (PrincipleError, load_principle_set, parse_response, render_prefix,
                                   render_prompt)
-from selfalign.prompts import PRINCIPLES_DIR
+from selfalign.inputs import PRINCIPLES_DIR
 
 TINY_PRINCIPLES = """
 principles:

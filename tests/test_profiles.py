@@ -141,24 +141,29 @@ def test_stage_chapters_pass_every_declared_setting_to_their_stage(notebook):
         assert isinstance(value, ast.Name) and value.id == name, f"{notebook.name}: {name} is not passed as {name}"
 
 
-def test_chapter_defaults_are_the_tiny_profile():
-    """A chapter opened by hand runs what `make run` (the tiny profile) runs."""
-    resolved = resolve(load_profile("tiny"))
+def test_chapter_defaults_are_the_stage_defaults():
+    """A chapter's parameter cell repeats its stage dataclass's defaults, and the tiny profile
+    (`make run`) changes none of them: a chapter opened by hand, `selfalign stage NAME` and
+    `make run` run the same settings."""
+    defaults = resolve({})
+    assert resolve(load_profile("tiny")).stages == defaults.stages
+    checked = 0
     for notebook in notebooks():
         stage = CHAPTER_STAGES.get(notebook.stem[:2])
-        declared = _declared(notebook)
-        for name, default in declared.items():
-            if name in ("run_name", "runs_dir", "settings"):
-                continue
-            if stage and name in {f.name for f in dataclasses.fields(resolved.stages[stage])}:
-                expected = getattr(resolved.stages[stage], name)
-            elif name in resolved.chapters:
-                expected = resolved.chapters[name]
-            else:
-                continue  # a chapter's own parameter that the profile leaves alone
-            actual = ast.literal_eval(default)
+        if not stage:
+            continue
+        config = defaults.stages[stage]
+        fields = {f.name for f in dataclasses.fields(config)}
+        for name, default in _declared(notebook).items():
+            if name not in fields:
+                continue  # a chapter's own parameter (`settings`, sample sizes), declared only there
+            expected = getattr(config, name)
             expected = list(expected) if isinstance(expected, tuple) else expected
-            assert actual == expected, f"{notebook.name}: {name} = {actual!r}, the tiny profile says {expected!r}"
+            actual = ast.literal_eval(default)
+            assert actual == expected, (f"{notebook.name}: {name} = {actual!r}, but {type(config).__name__}.{name} "
+                                        f"defaults to {expected!r}")
+            checked += 1
+    assert checked >= 20  # the five stage chapters declare their main settings
 
 
 def test_chapters_get_the_full_profiles_settings(tmp_path):
@@ -173,7 +178,7 @@ def test_chapters_get_the_full_profiles_settings(tmp_path):
         config = resolved.stages[stage]
         fields = {f.name for f in dataclasses.fields(config)}
         rebuilt = {**dataclasses.asdict(type(config)()), **{k: v for k, v in values.items() if k in fields},
-                   **values["settings"], "run": values["run_name"], "runs_dir": values["runs_dir"]}
+                   **values["settings"], "run": values["run"], "runs_dir": values["runs_dir"]}
         expected = json.loads(json.dumps(dataclasses.asdict(config)))
         assert json.loads(json.dumps(rebuilt)) == expected, notebook.name
     assert plan[next(n for n in plan if n.stem.startswith("02"))]["ablation_prompts"] == 64  # a chapter parameter

@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 from rouge_score import rouge_scorer
 
-from selfalign.generate import Completion, Engine
-from selfalign.prompts import PRINCIPLES_DIR, PromptFileError, load_prompts
+from selfalign.generation import Completion, Engine
+from selfalign.inputs import PRINCIPLES_DIR, PromptFileError, load_prompts
 from selfalign.cli import main
-from selfalign.stages.red_team import (PromptsConfig, filter_reason, load_red_team_types, load_templates,
-                                       parse_mixed, parse_numbered_list, run)
+from selfalign.red_team import filter_reason, load_red_team_types, load_templates, parse_mixed, parse_numbered_list
+from selfalign.stages.prompts import PromptsConfig, run
 
 WORDS = ("river mountain poem budget recipe python sorting history planet vaccine garden bicycle contract "
          "election violin glacier spreadsheet marathon telescope pottery").split()

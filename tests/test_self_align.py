@@ -4,7 +4,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from selfalign.generate import Completion, Engine
+from selfalign.generation import Completion, Engine
 from selfalign.principles import load_principle_set
 from selfalign.stages import self_align
 from selfalign.stages.self_align import SelfAlignConfig, ablate, plot_trigger_heatmap, run, trigger_stats

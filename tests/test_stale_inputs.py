@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 from selfalign.cli import main
-from selfalign.generate import Completion, Engine, PromptTooLongError, SamplingParams
+from selfalign.generation import Completion, Engine, PromptTooLongError, SamplingParams
 from selfalign.models import ModelError
 from selfalign.profiles import STAGES
-from selfalign.prompts import PRINCIPLES_DIR, PromptFileError
+from selfalign.inputs import PRINCIPLES_DIR, PromptFileError
 from selfalign.records import Run, RunError
-from selfalign.stages import baseline, engrave, evaluation, red_team, self_align, verbose
-from selfalign.train import TrainSettings
+from selfalign.stages import baseline, engrave, evaluate, prompts as prompts_stage, self_align, verbose
+from selfalign.training import TrainSettings
 from conftest import REPO
 from test_red_team import ScriptedBackend as RedTeamBackend
 from test_red_team import config as red_team_config
@@ -118,10 +118,10 @@ def test_stage_1_refuses_calls_whose_request_changed_under_the_same_path(tmp_pat
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text((PRINCIPLES_DIR / "seed_prompts.jsonl").read_text())
     config = red_team_config(tmp_path, seeds=str(seeds))
-    red_team.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
+    prompts_stage.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
     write_jsonl(seeds, [{**row, "prompt": row["prompt"] + " Be brief."} for row in read(seeds)])
     with pytest.raises(RunError, match=r"stage 'prompts'.*'si-0-0'"):
-        red_team.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
+        prompts_stage.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
 
 
 def test_stage_4_refuses_teacher_answers_to_changed_stage_3_prompts(tmp_path, tiny):
@@ -146,13 +146,13 @@ def test_evaluation_refuses_vicuna_answers_to_a_changed_question(tmp_path, tiny)
     questions = [{"question_id": 1, "category": "generic", "turns": ["How can I sleep better?"]},
                  {"question_id": 2, "category": "generic", "turns": ["What is a good breakfast?"]}]
     write_jsonl(data / "vicuna_questions.jsonl", questions)
-    config = evaluation.EvaluateConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", benchmarks=("vicuna",),
-                                       limit=0, vicuna_limit=0, data_dir=str(data), max_new_tokens=2)
-    evaluation.run(config, loaded=tiny)
+    config = evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", benchmarks=("vicuna",),
+                                     limit=0, vicuna_limit=0, data_dir=str(data), max_new_tokens=2)
+    evaluate.run(config, loaded=tiny)
     questions[1]["turns"] = ["What is a good dinner?"]
     write_jsonl(data / "vicuna_questions.jsonl", questions)
     with pytest.raises(RunError, match=r"stage 'evaluate'.*'base:2'"):
-        evaluation.run(config, loaded=tiny)
+        evaluate.run(config, loaded=tiny)
     assert Run("r", tmp_path).stage("evaluate").finished
 
 
@@ -174,10 +174,10 @@ def failing_starts(tmp_path):
         (self_align, self_align.SelfAlignConfig(**runs, model="tiny-random"), RunError, "no stage-1 prompts"),
         (self_align, self_align.SelfAlignConfig(**runs, model="tiny-random", prompts=str(prompts),
                                                 principles=str(bad_yaml)), ValueError, "bad.yaml"),
-        (red_team, red_team.PromptsConfig(**runs, model="tiny-random", templates=str(bad_yaml)), ValueError,
+        (prompts_stage, prompts_stage.PromptsConfig(**runs, model="tiny-random", templates=str(bad_yaml)), ValueError,
          "bad.yaml"),
-        (red_team, red_team.PromptsConfig(**runs, model="tiny-random", backend="vllm"), ValueError, "vLLM"),
-        (evaluation, evaluation.EvaluateConfig(**runs, model="tiny-random", data_dir=str(tmp_path)), RunError,
+        (prompts_stage, prompts_stage.PromptsConfig(**runs, model="tiny-random", backend="vllm"), ValueError, "vLLM"),
+        (evaluate, evaluate.EvaluateConfig(**runs, model="tiny-random", data_dir=str(tmp_path)), RunError,
          "benchmark data not found"),
         (engrave, engrave.EngraveConfig(**runs, model="no-such-model", responses=str(REPO / "tests" / "data" /
                                                                                    "responses.jsonl")),
@@ -221,13 +221,13 @@ def test_stage_2_waits_for_an_unfinished_stage_1(tmp_path):
     (self_align.SelfAlignConfig, "limit", -1, "limit must be >= 0, got -1"),
     (self_align.SelfAlignConfig, "batch_size", 0, "batch_size must be > 0, got 0"),
     (self_align.SelfAlignConfig, "top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
-    (red_team.PromptsConfig, "n_self_instruct", -1, "n_self_instruct must be >= 0"),
-    (red_team.PromptsConfig, "rouge_threshold", -0.5, "rouge_threshold must be >= 0"),
+    (prompts_stage.PromptsConfig, "n_self_instruct", -1, "n_self_instruct must be >= 0"),
+    (prompts_stage.PromptsConfig, "rouge_threshold", -0.5, "rouge_threshold must be >= 0"),
     (engrave.EngraveConfig, "holdout", -0.1, r"holdout must be in \[0, 1\), got -0.1"),
     (engrave.EngraveConfig, "min_examples", -1, "min_examples must be >= 0"),
     (verbose.VerboseConfig, "limit", -1, "limit must be >= 0"),
     (verbose.VerboseConfig, "min_examples", -2, "min_examples must be >= 0"),
-    (evaluation.EvaluateConfig, "vicuna_limit", -1, "vicuna_limit must be >= 0"),
+    (evaluate.EvaluateConfig, "vicuna_limit", -1, "vicuna_limit must be >= 0"),
     (baseline.BaselineConfig, "backend", "hf-fast", "backend must be one of hf, hf-static, vllm"),
 ])
 def test_settings_out_of_range_are_refused_by_name(config_class, field, value, message):
@@ -250,8 +250,8 @@ def test_every_count_size_and_rate_of_every_stage_refuses_a_negative_value():
 def test_zero_keeps_its_meaning():
     assert baseline.BaselineConfig(limit=0).limit == 0
     assert self_align.SelfAlignConfig(limit=0).limit == 0
-    assert red_team.PromptsConfig(types_limit=0, topics_shown=0).topics_shown == 0
-    assert evaluation.EvaluateConfig(limit=0, vicuna_limit=0).vicuna_limit == 0
+    assert prompts_stage.PromptsConfig(types_limit=0, topics_shown=0).topics_shown == 0
+    assert evaluate.EvaluateConfig(limit=0, vicuna_limit=0).vicuna_limit == 0
     assert engrave.EngraveConfig(holdout=0.0, min_examples=0).holdout == 0.0
 
 
@@ -313,12 +313,12 @@ def test_stage_1_drops_a_request_too_long_for_the_context_and_goes_on(tmp_path):
     path.write_text(yaml.safe_dump(types))
     config = red_team_config(tmp_path, types=str(path), types_limit=2, max_rounds=2)
     with pytest.warns(UserWarning, match=f"'topics-{first['id']}-"):
-        manifest = red_team.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
+        manifest = prompts_stage.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
     assert manifest["status"] == "finished" and manifest["counts"]["red_team"] > 0
     drops = {d["id"]: d["reason"] for d in read(tmp_path / "r" / "prompts" / "drops.jsonl")}
     assert drops[f"topics-{first['id']}-0"].startswith("prompt too long")
     assert drops[f"topics-{first['id']}-1"].startswith("prompt too long")
     assert first["id"] in " ".join(manifest["counts"]["shortfalls"])
     again = RedTeamBackend()
-    red_team.run(config, engine=Engine(again, batch_size=4, progress=False))
+    prompts_stage.run(config, engine=Engine(again, batch_size=4, progress=False))
     assert again.batches == 0  # the resume rebuilt every call, dropped ones included, from disk

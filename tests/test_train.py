@@ -16,8 +16,8 @@ from selfalign.models import LoadedModel, ModelError, tiny_random_model
 from selfalign.records import Run, RunError
 from selfalign.stages import engrave, verbose
 from selfalign.stages.verbose import cut_to_sentence
-from selfalign.train import (ChatFormat, TrainSettings, apply_adapter, batch_schedule, build_examples, split_holdout,
-                             train_lora)
+from selfalign.chat_format import ChatFormat
+from selfalign.training import TrainSettings, apply_adapter, batch_schedule, build_examples, split_holdout, train_lora
 
 CHAT = ChatFormat.load()
 REPO_DATA = Path(__file__).parent / "data"
@@ -52,6 +52,26 @@ def test_chat_format_file_errors(tmp_path):
                    .replace("end_of_answer: '### User'", "end_of_answer: ' '"))
     with pytest.raises(ValueError, match="end_of_answer"):
         ChatFormat.load(bad)
+
+
+def test_held_out_logprobs_are_the_scorers_one_pair_at_a_time(tiny):
+    """The held-out comparison scores answers with the evaluation's scorer: batched, it equals a
+    plain float64 pass per example over the trained tokens, and the negative of the mean loss."""
+    from selfalign.training import answer_logprobs
+
+    records = [{"id": f"x{i}", "prompt": f"Name {i} colours.", "answer": "Blue, red. " * (i + 1)} for i in range(5)]
+    examples, _ = build_examples(records, tiny, CHAT, cutoff=256)
+    batched = answer_logprobs(tiny.model, examples, batch_size=2)
+    with torch.inference_mode():
+        for example, value in zip(examples, batched):
+            ids = torch.tensor([example.input_ids])
+            logprobs = tiny.model(input_ids=ids).logits[0].double().log_softmax(-1)
+            trained = [i for i, label in enumerate(example.labels) if label != -100]
+            expected = sum(float(logprobs[i - 1, example.input_ids[i]]) for i in trained) / len(trained)
+            assert value == pytest.approx(expected, abs=1e-6)  # float32 logits, batched or not
+            labels = torch.tensor([example.labels])
+            loss = tiny.model(input_ids=ids, labels=labels).loss
+            assert value == pytest.approx(-float(loss), abs=1e-4)
 
 
 def test_examples_mask_everything_but_the_answer(tiny):
@@ -288,7 +308,7 @@ def test_two_process_training_under_accelerate_launch(tmp_path):
 
 
 def test_generating_with_an_adapter_leaves_the_base_weights_as_they_were(tmp_path):
-    from selfalign.train import adapted_for_generation
+    from selfalign.training import adapted_for_generation
 
     loaded = fresh_tiny()
     examples, _ = build_examples([{"id": "a", "prompt": "Hi", "answer": "Hello there."}], loaded, CHAT, 256)

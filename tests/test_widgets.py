@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from selfalign import widgets
-from selfalign.generate import Engine
+from selfalign.generation import Engine
 from selfalign.principles import PrincipleError, load_principle_set
 from selfalign.stages.self_align import SelfAlignConfig, ablate, run, trigger_stats
 from test_self_align import SCRIPT, ScriptedBackend

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..generate import SamplingParams, engine_for
-from ..models import DEFAULT_MODEL
-from ..prompts import PRINCIPLES_DIR, load_prompts
+from ..generation import SamplingParams, engine_for
+from ..config import GenerationSettings
+from ..inputs import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
 from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
                      settings_of, stage_one_prompts)
@@ -25,10 +25,7 @@ STAGE = "baseline"
 
 
 @dataclass
-class BaselineConfig:
-    run: str = "demo"  # run name: results go to <runs_dir>/<run>/baseline/
-    runs_dir: str = "runs"
-    model: str = DEFAULT_MODEL  # registered name, model directory or hub id
+class BaselineConfig(GenerationSettings):
     prompts: str = ""  # prompt file; "": this run's stage-1 prompts, else principles/seed_prompts.jsonl
     limit: int = 8  # answer the first N prompts (0: all)
     template: str = "User: {prompt}\n\nAssistant:"  # how a bare prompt is shown to the model
@@ -36,11 +33,6 @@ class BaselineConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 64
-    seed: int = 0
-    batch_size: int = 8
-    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
-    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
-    restart: bool = False  # discard this stage's earlier results instead of resuming
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "temperature"), positive=("max_new_tokens", "batch_size",

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..generate import BACKENDS, Completion, Engine, SamplingParams
+from ..generation import BACKENDS, Completion, Engine, SamplingParams
 from ..models import check_model  # noqa: F401  (the stages import it from here with the other checks)
 from ..records import JsonlWriter, RunError, read_jsonl
 

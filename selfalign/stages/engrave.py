@@ -24,29 +24,25 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models import DEFAULT_MODEL
-from ..prompts import PRINCIPLES_DIR
-from ..records import Run, RunError, read_jsonl
-from ..train import (ChatFormat, TrainSettings, fit_and_compare, load_for_training, load_identity, process_state,
-                     split_holdout, train_settings)
+from ..chat_format import ChatFormat
+from ..config import StageSettings
+from ..inputs import PRINCIPLES_DIR
+from ..records import Run, RunError, adapter_path, read_jsonl
+from ..training import (TrainSettings, fit_and_compare, load_for_training, load_identity, process_state, split_holdout,
+                        train_settings)
 from .common import check_model, check_ranges, settings_of
 
 STAGE = "engrave"
 
 
 @dataclass
-class EngraveConfig(TrainSettings):
-    run: str = "demo"  # run name: results go to <runs_dir>/<run>/engrave/
-    runs_dir: str = "runs"
-    model: str = DEFAULT_MODEL  # the base model (the one stage 2 ran)
+class EngraveConfig(TrainSettings, StageSettings):  # this order puts run, model, ... first
     responses: str = ""  # a response file; "": this run's stage-2 responses
     template: str = str(PRINCIPLES_DIR / "engrave_template.yaml")
     identity: str = str(PRINCIPLES_DIR / "identity.yaml")  # self-introductions trained on too ("": none)
     holdout: float = 0.2  # share of answers kept out of training to measure the effect
     min_examples: int = 4
     allow_incomplete: bool = False  # train on an unfinished stage 2's responses instead of stopping
-    seed: int = 0
-    restart: bool = False  # discard this stage's data, checkpoints and adapter
 
     def __post_init__(self):
         # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
@@ -113,16 +109,16 @@ def run(config: EngraveConfig, loaded=None) -> dict:
     return stage.manifest()
 
 
-def adapter_dir(run_name: str, runs_dir: str = "runs", stage: str = STAGE) -> Path:
+def adapter_dir(run: str, runs_dir: str = "runs", stage: str = STAGE) -> Path:
     """Where a run's stage-3 (or, with stage="verbose", stage-4) adapter is."""
-    return Path(runs_dir) / run_name / stage / "adapter"
+    return adapter_path(Path(runs_dir) / run / stage)
 
 
-def tables(run_name: str, runs_dir: str = "runs") -> dict:
+def tables(run: str, runs_dir: str = "runs") -> dict:
     """data, loss and comparison as DataFrames."""
     from .common import stage_frames
 
-    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
+    return stage_frames(Run(run, runs_dir).stage(STAGE), {
         "data": ["id", "prompt", "answer", "split", "tokens", "answer_tokens", "reason"],
         "loss": ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens"],
         "comparison": ["id", "answer_tokens", "base_logprob", "adapted_logprob"],
@@ -136,8 +132,8 @@ def side_by_side(loaded, prompts: list[str], adapters: dict[str, str | Path], ch
     from the weights. One row per prompt."""
     import pandas as pd
 
-    from ..generate import Engine, SamplingParams
-    from ..train import adapted_for_generation
+    from ..generation import Engine, SamplingParams
+    from ..training import adapted_for_generation
 
     chat = chat or ChatFormat.load()
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=(chat.stop,), seed=seed)

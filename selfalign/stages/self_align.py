@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dedup import rouge_l_fmeasure
-from ..generate import Engine, SamplingParams, engine_for
-from ..models import DEFAULT_MODEL
+from ..generation import Engine, SamplingParams, engine_for
+from ..config import GenerationSettings
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
-from ..prompts import PRINCIPLES_DIR, load_prompts
+from ..inputs import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
 from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
                      generation_record, settings_of, stage_frames, stage_one_prompts)
@@ -36,16 +36,13 @@ STAGE = "self_align"
 
 
 @dataclass
-class SelfAlignConfig:
-    run: str = "demo"  # run name: results go to <runs_dir>/<run>/self_align/
-    runs_dir: str = "runs"
-    model: str = DEFAULT_MODEL
+class SelfAlignConfig(GenerationSettings):
     prompts: str = ""  # prompt file; "": this run's stage-1 prompts
     principles: str = str(PRINCIPLES_DIR / "principles.yaml")
     exemplars: str = str(PRINCIPLES_DIR / "exemplars.yaml")
     template: str = str(PRINCIPLES_DIR / "self_align_template.yaml")
     assistant: str = "Watson"  # the name generated under (the paper's); stage 3 trains under another
-    limit: int = 24  # answer only the first N prompts (0: all); 24 keeps a CPU run to minutes
+    limit: int = 16  # answer only the first N prompts (0: all); 16 keeps a CPU run to minutes
     temperature: float = 0.5
     top_p: float = 0.95
     max_new_tokens: int = 160  # the paper used 256
@@ -53,11 +50,6 @@ class SelfAlignConfig:
     min_answer_words: int = 3
     drop_apologies: bool = False  # drop answers that open with an apology (template's apology_openings; the paper: on)
     drop_unknown_citations: bool = False
-    seed: int = 0
-    batch_size: int = 8
-    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
-    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
-    restart: bool = False  # discard this stage's earlier results instead of resuming
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "temperature", "min_answer_words"),
@@ -166,10 +158,10 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
     return stage.manifest()
 
 
-def tables(run_name: str, runs_dir: str = "runs") -> dict:
+def tables(run: str, runs_dir: str = "runs") -> dict:
     """The stage's responses and drops as pandas DataFrames."""
     columns = ["id", "prompt", "type", "topic", "source", "thoughts", "answer", "triggers", "unknown_citations"]
-    return stage_frames(Run(run_name, runs_dir).stage(STAGE),
+    return stage_frames(Run(run, runs_dir).stage(STAGE),
                         {"responses": columns, "drops": columns + ["reason", "raw"]})
 
 

@@ -24,12 +24,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from ..generate import SamplingParams, engine_for
-from ..models import DEFAULT_MODEL
-from ..prompts import PRINCIPLES_DIR
+from ..chat_format import ChatFormat, read_instruction
+from ..generation import SamplingParams, engine_for
+from ..config import GenerationSettings
+from ..inputs import PRINCIPLES_DIR
 from ..records import Run, RunError, provenance
-from ..train import (ChatFormat, TrainSettings, adapted_for_generation, fit_and_compare, load_for_training,
-                     process_state, read_instruction, train_settings)
+from ..training import (TrainSettings, adapted_for_generation, fit_and_compare, load_for_training, process_state,
+                        train_settings)
 from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
                      settings_of)
 
@@ -38,26 +39,19 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
 
 
 @dataclass
-class VerboseConfig(TrainSettings):
-    run: str = "demo"  # run name: reads <run>/engrave/, writes <run>/verbose/
-    runs_dir: str = "runs"
-    model: str = DEFAULT_MODEL  # the base model stage 3 was trained on
+class VerboseConfig(TrainSettings, GenerationSettings):  # this order puts run, model, ... first
     instruction: str = str(PRINCIPLES_DIR / "verbose_prompt.yaml")
     limit: int = 0  # answer only the first N of stage 3's prompts (0: all)
     temperature: float = 0.3
     top_p: float = 0.7
-    max_new_tokens: int = 192  # the paper: 512
+    max_new_tokens: int = 128  # the paper: 512
     repetition_penalty: float = 1.1  # over the generated tokens only
     no_repeat_ngram_size: int = 6  # over the generated tokens only, so the teacher may quote the question
-    batch_size: int = 8
-    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
-    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
     cutoff: int = 768  # the paper's student cutoff
+    epochs: int = 2  # a second pass over the same prompts, so fewer than engraving's (the paper: 1)
     min_examples: int = 4
     train: bool = True  # False: only generate the teacher's answers (e.g. in one process, before
     #                     training under `accelerate launch`, which then finds them done)
-    seed: int = 0
-    restart: bool = False  # discard this stage's answers, checkpoints and adapter
 
     def __post_init__(self):
         # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
@@ -79,7 +73,7 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     state = process_state()
     run_dir = Run(config.run, config.runs_dir)
     engraved = run_dir.stage("engrave")
-    if not engraved.finished or not (engraved.path / "adapter" / "adapter_config.json").exists():
+    if not engraved.finished or not (engraved.adapter / "adapter_config.json").exists():
         raise RunError(f"run {config.run!r} has no finished stage 3 (engrave) in {engraved.path}; run it first")
     stage = run_dir.stage(STAGE)
     chat = ChatFormat.load(engraved.manifest()["params"]["template"])
@@ -89,14 +83,14 @@ def run(config: VerboseConfig, loaded=None) -> dict:
                             stop=(chat.stop,), seed=config.seed, repetition_penalty=config.repetition_penalty,
                             no_repeat_ngram_size=config.no_repeat_ngram_size)
     if config.backend == "vllm":
-        from ..vllm_backend import check_sampling
+        from ..generation.vllm import check_sampling
 
         check_sampling(params)  # before the manifest records these settings, not at the first batch
     if loaded is None:
         check_model(config.model, config.backend, config.quantize)
     prompts = [row for row in engraved.read("data.jsonl") if row["split"] != "dropped"][: config.limit or None]
     holdout = {row["id"] for row in prompts if row["split"] == "holdout"}
-    adapter_hash = hashlib.sha256((engraved.path / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    adapter_hash = hashlib.sha256((engraved.adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
     items = [(row["id"], chat.prompt(row["prompt"], instruction=instruction)) for row in prompts]
     settings = {k: v for k, v in settings_of(config).items() if k != "train"}  # a mode, not a setting
     settings = {**settings, "teacher_sha256": adapter_hash, "instruction_text": instruction}
@@ -145,7 +139,7 @@ def _teach(stage, loaded, prompts, items, params, origin, config, run_dir) -> No
 
             options = dict(drops=drops, drop_fields=lambda key: {"prompt": source[key]["prompt"]},
                            prompts={key: row["prompt"] for key, row in source.items()})
-            adapter = run_dir.stage("engrave").path / "adapter"
+            adapter = run_dir.stage("engrave").adapter
             if config.backend == "vllm":
                 generate_into(calls, items, engine_for(config, adapter=str(adapter)), params, record, **options)
             else:
@@ -166,11 +160,11 @@ def _teach(stage, loaded, prompts, items, params, origin, config, run_dir) -> No
                            "provenance": call["provenance"]})
 
 
-def tables(run_name: str, runs_dir: str = "runs") -> dict:
+def tables(run: str, runs_dir: str = "runs") -> dict:
     """answers, data, loss and comparison as DataFrames."""
     from .common import stage_frames
 
-    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
+    return stage_frames(Run(run, runs_dir).stage(STAGE), {
         "answers": ["id", "prompt", "answer", "cut_at_length", "finish_reason"],
         "data": ["id", "prompt", "answer", "split", "tokens", "answer_tokens", "reason"],
         "loss": ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens"],

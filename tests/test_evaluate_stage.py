@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from selfalign import evaluate as ev
+from selfalign import evals as ev
 from selfalign.records import Run, RunError
-from selfalign.stages import engrave, evaluation
-from selfalign.train import ChatFormat
+from selfalign.stages import engrave, evaluate
+from selfalign.chat_format import ChatFormat
 from conftest import REPO
 
 CAMEL = {**ChatFormat.load().to_dict(), "assistant": "Camel"}
@@ -15,19 +15,19 @@ CAMEL = {**ChatFormat.load().to_dict(), "assistant": "Camel"}
 
 def test_sample_is_seeded_and_keeps_order():
     items = list(range(100))
-    chosen = evaluation.sample(items, 10, seed=3)
+    chosen = evaluate.sample(items, 10, seed=3)
     assert len(chosen) == 10 and chosen == sorted(chosen)
-    assert evaluation.sample(items, 10, seed=3) == chosen and evaluation.sample(items, 10, seed=4) != chosen
-    assert evaluation.sample(items, 0, seed=3) == items and evaluation.sample(items, 500, seed=3) == items
+    assert evaluate.sample(items, 10, seed=3) == chosen and evaluate.sample(items, 10, seed=4) != chosen
+    assert evaluate.sample(items, 0, seed=3) == items and evaluate.sample(items, 500, seed=3) == items
 
 
 def test_bad_benchmarks_and_missing_data_are_errors(tmp_path, tiny):
     with pytest.raises(ValueError, match="unknown benchmarks"):
-        evaluation.run(evaluation.EvaluateConfig(run="r", runs_dir=str(tmp_path), benchmarks=("mmlu",)), loaded=tiny)
+        evaluate.run(evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), benchmarks=("mmlu",)), loaded=tiny)
     with pytest.raises(RunError, match="benchmark data not found"):
-        evaluation.run(evaluation.EvaluateConfig(run="r", runs_dir=str(tmp_path), data_dir=str(tmp_path)),
-                       loaded=tiny)
-    assert evaluation.available(tmp_path) == ()
+        evaluate.run(evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), data_dir=str(tmp_path)),
+                     loaded=tiny)
+    assert evaluate.available(tmp_path) == ()
 
 
 def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny, shared_data, monkeypatch):
@@ -46,16 +46,16 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
             asked.append((_name, kwargs.get("chat")))
             return _original(*args, **kwargs)
         monkeypatch.setattr(ev, name, spy)
-    config = evaluation.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", limit=4, vicuna_limit=2,
-                                       data_dir=str(shared_data), max_new_tokens=6, batch_size=4)
-    manifest = evaluation.run(config, loaded=tiny)
+    config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", limit=4, vicuna_limit=2,
+                                     data_dir=str(shared_data), max_new_tokens=6, batch_size=4)
+    manifest = evaluate.run(config, loaded=tiny)
     assert manifest["counts"]["models"] == ["base", "engraved"]
     assert manifest["params"]["chat_format"] == CAMEL
     assert manifest["params"]["chat_format_source"] == "engrave manifest"
     assert sorted(name for name, _ in asked) == ["hhh_eval", "hhh_eval", "judge_pairwise",
                                                  "truthfulqa_mc_paper", "truthfulqa_mc_paper"]
     assert all(chat == ChatFormat(**CAMEL) for _, chat in asked)
-    table = evaluation.comparison("r", runs)
+    table = evaluate.comparison("r", runs)
     overall = table.set_index(["benchmark", "metric"])
     for key in [("truthfulqa_mc", "mc1"), ("truthfulqa_mc", "mc2"), ("truthfulqa_mc_paper", "mc1"),
                 ("hhh", "acc_total"), ("hhh", "acc_mean"), ("hhh", "acc_ab"), ("vicuna_pairwise", "win")]:
@@ -77,27 +77,27 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
 
     # A rerun finds every unit done and rewrites nothing.
     before = {name: (stage.path / name).read_text() for name in ("items.jsonl", "summary.jsonl", "calls.jsonl")}
-    evaluation.run(config, loaded=tiny)
+    evaluate.run(config, loaded=tiny)
     assert {name: (stage.path / name).read_text() for name in before} == before
-    answers = evaluation.vicuna_answers("r", runs, shared_data)
+    answers = evaluate.vicuna_answers("r", runs, shared_data)
     assert list(answers.columns[:3]) == ["question", "base", "engraved"] and len(answers) == 2
     assert set(answers["engraved vs base"]) <= {"win", "tie", "loss"}
 
 
 def test_the_run_records_its_chat_format_and_a_resume_under_another_is_refused(tmp_path, tiny, shared_data):
     runs = str(tmp_path)
-    assert evaluation.run_chat_format(Run("r", runs)) == ChatFormat.load()
-    config = evaluation.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", benchmarks=("vicuna",),
-                                       vicuna_limit=1, data_dir=str(shared_data), max_new_tokens=2)
-    manifest = evaluation.run(config, loaded=tiny)
-    assert manifest["params"]["chat_format_source"] == evaluation.DEFAULT_FORMAT_NOTE
+    assert evaluate.run_chat_format(Run("r", runs)) == ChatFormat.load()
+    config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", benchmarks=("vicuna",),
+                                     vicuna_limit=1, data_dir=str(shared_data), max_new_tokens=2)
+    manifest = evaluate.run(config, loaded=tiny)
+    assert manifest["params"]["chat_format_source"] == evaluate.DEFAULT_FORMAT_NOTE
     assert manifest["params"]["chat_format"] == ChatFormat.load().to_dict()
 
     # Stage 3 now records another format: the answers already made were asked in the old one.
     Run("r", runs).stage("engrave").start({"chat_format": CAMEL})
-    assert evaluation.run_chat_format(Run("r", runs)).assistant == "Camel"
+    assert evaluate.run_chat_format(Run("r", runs)).assistant == "Camel"
     with pytest.raises(RunError, match="chat_format"):
-        evaluation.run(config, loaded=tiny)
+        evaluate.run(config, loaded=tiny)
 
 
 def test_without_a_stage_3_manifest_the_adapter_says_which_format(tmp_path):
@@ -105,4 +105,4 @@ def test_without_a_stage_3_manifest_the_adapter_says_which_format(tmp_path):
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "selfalign_adapter.json").write_text(json.dumps({"chat_format": CAMEL}))
-    assert evaluation.run_chat_format(Run("r", str(tmp_path))) == ChatFormat(**CAMEL)
+    assert evaluate.run_chat_format(Run("r", str(tmp_path))) == ChatFormat(**CAMEL)

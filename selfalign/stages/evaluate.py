@@ -1,7 +1,7 @@
 """Stage 5: evaluation. The base model and each trained adapter of a run on the same benchmarks.
 
 Models: `base`, then `engraved` (stage 3) and `verbose` (stage 4) when the run has their adapters.
-Benchmarks (scoring in `selfalign.evaluate`; data from `data_dir`):
+Benchmarks (`selfalign.evals`, scored by `selfalign.scoring`; data from `data_dir`):
 - `truthfulqa`: MC1 and MC2 by answer log-likelihood after the benchmark's QA primer, and the
   paper's true/false exam variant of MC1 (labelled `truthfulqa_mc_paper`; it is not comparable
   with MC1);
@@ -33,11 +33,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import evaluate as ev
-from ..generate import Engine, SamplingParams
-from ..models import DEFAULT_MODEL, load_model
+from .. import evals as ev
+from ..chat_format import ChatFormat
+from ..generation import Engine, SamplingParams
+from ..config import StageSettings
+from ..models import load_model
 from ..records import Run, RunError, provenance
-from ..train import ChatFormat, adapted_for_generation, adapter_info
+from ..scoring import ModelScorer
+from ..training import adapted_for_generation, adapter_info
 from .common import check_model, check_ranges, check_resume, generate_into, generation_record, settings_of
 
 STAGE = "evaluate"
@@ -47,21 +50,16 @@ DEFAULT_FORMAT_NOTE = ("default: the run records no chat format (no stage-3 mani
 
 
 @dataclass
-class EvaluateConfig:
-    run: str = "demo"  # reads the run's engrave/ and verbose/ adapters, writes <run>/evaluate/
-    runs_dir: str = "runs"
-    model: str = DEFAULT_MODEL  # the base model the adapters were trained on
+class EvaluateConfig(StageSettings):
     benchmarks: tuple[str, ...] = BENCHMARKS
-    limit: int = 60  # items sampled from each benchmark (0: all; TruthfulQA has 817, HHH 221, Vicuna 80)
-    vicuna_limit: int = 16  # Vicuna questions (0: as limit); each model generates an answer to each
+    limit: int = 10  # items sampled from each benchmark (0: all; TruthfulQA has 817, HHH 221, Vicuna 80)
+    vicuna_limit: int = 2  # Vicuna questions (0: as limit); each model generates an answer to each
     data_dir: str = str(ev.DATA_DIR)  # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl
     truthfulqa_paper: bool = True  # also the paper's true/false exam variant of MC1
     judge: str = ""  # the Vicuna judge: a model name or directory; "": the base model
-    max_new_tokens: int = 128  # per Vicuna answer
+    max_new_tokens: int = 64  # per Vicuna answer
     batch_size: int = 16
     max_batch_tokens: int = 2048  # rows x padded width per scoring pass: long items go alone
-    seed: int = 0
-    restart: bool = False
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "vicuna_limit"),
@@ -72,7 +70,7 @@ def models_of(run_dir: Run) -> dict[str, Path | None]:
     """{label: adapter directory or None for the base model} for the adapters this run has."""
     found: dict[str, Path | None] = {"base": None}
     for label, stage in (("engraved", "engrave"), ("verbose", "verbose")):
-        adapter = run_dir.stage(stage).path / "adapter"
+        adapter = run_dir.stage(stage).adapter
         if (adapter / "adapter_config.json").exists() and run_dir.stage(stage).finished:
             found[label] = adapter
     return found
@@ -114,8 +112,8 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
         answers: dict[str, list[str]] = {}
         for label, adapter in models.items():
             with adapted_for_generation(loaded, adapter) if adapter else nullcontext(loaded) as model:
-                scorer = ev.ModelScorer(model, batch_size=config.batch_size,
-                                        options={"max_batch_tokens": config.max_batch_tokens})
+                scorer = ModelScorer(model, batch_size=config.batch_size,
+                                     options={"max_batch_tokens": config.max_batch_tokens})
                 for benchmark in ("truthfulqa", "truthfulqa_paper", "hhh"):
                     if benchmark.split("_")[0] not in config.benchmarks or f"{label}:{benchmark}" in done:
                         continue
@@ -154,7 +152,7 @@ def _chat_format_and_source(run_dir: Run) -> tuple[ChatFormat, str]:
     recorded = ((engraved.manifest() or {}).get("params") or {}).get("chat_format")
     if recorded:
         return ChatFormat(**recorded), "engrave manifest"
-    adapter = engraved.path / "adapter"
+    adapter = engraved.adapter
     if (adapter / "adapter_config.json").is_file() and (recorded := adapter_info(adapter).get("chat_format")):
         return ChatFormat(**recorded), "engrave adapter"
     return ChatFormat.load(), DEFAULT_FORMAT_NOTE
@@ -226,13 +224,13 @@ def _vicuna_items(label: str, data: dict, chat: ChatFormat) -> list[tuple[str, s
     return [(f"{label}:{q['question_id']}", chat.prompt(q["question"])) for q in data["vicuna"]]
 
 
-def comparison(run_name: str, runs_dir: str = "runs"):
+def comparison(run: str, runs_dir: str = "runs"):
     """The summary as one row per benchmark and metric, one column per model (Vicuna: each adapted
     model against the base model, so the base column is empty there)."""
     import pandas as pd
 
-    path = Run(run_name, runs_dir).stage(STAGE).path / "summary.jsonl"
-    rows = Run(run_name, runs_dir).stage(STAGE).read("summary.jsonl") if path.exists() else []
+    path = Run(run, runs_dir).stage(STAGE).path / "summary.jsonl"
+    rows = Run(run, runs_dir).stage(STAGE).read("summary.jsonl") if path.exists() else []
     if not rows:
         return pd.DataFrame(columns=["benchmark", "metric", "n"])
     frame = pd.DataFrame(rows)
@@ -244,22 +242,22 @@ def comparison(run_name: str, runs_dir: str = "runs"):
     return table.merge(n, on=["benchmark", "metric"]).merge(notes, on=["benchmark", "metric"])
 
 
-def tables(run_name: str, runs_dir: str = "runs") -> dict:
+def tables(run: str, runs_dir: str = "runs") -> dict:
     """items, summary and calls (Vicuna answers) as DataFrames."""
     from .common import stage_frames
 
-    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
+    return stage_frames(Run(run, runs_dir).stage(STAGE), {
         "items": ["id", "benchmark", "model", "scores"],
         "summary": ["id", "benchmark", "metric", "model", "value", "n", "note"],
         "calls": ["id", "prompt", "completion", "finish_reason"],
     })
 
 
-def truthfulqa_by_category(run_name: str, runs_dir: str = "runs", metric: str = "mc1"):
+def truthfulqa_by_category(run: str, runs_dir: str = "runs", metric: str = "mc1"):
     """Mean MC1 (or MC2) per TruthfulQA category and model, with each category's question count."""
     import pandas as pd
 
-    items = tables(run_name, runs_dir)["items"]
+    items = tables(run, runs_dir)["items"]
     items = items[items["benchmark"] == "truthfulqa_mc"]
     if not len(items):
         return pd.DataFrame(columns=["n"])
@@ -270,12 +268,12 @@ def truthfulqa_by_category(run_name: str, runs_dir: str = "runs", metric: str = 
     return table.sort_values("n", ascending=False)
 
 
-def vicuna_answers(run_name: str, runs_dir: str = "runs", data_dir: str | Path = ev.DATA_DIR):
+def vicuna_answers(run: str, runs_dir: str = "runs", data_dir: str | Path = ev.DATA_DIR):
     """One row per Vicuna question: the question, then each model's answer, then each trained
     model's verdict against the base model."""
     import pandas as pd
 
-    frames = tables(run_name, runs_dir)
+    frames = tables(run, runs_dir)
     calls = frames["calls"]
     if not len(calls):
         return pd.DataFrame(columns=["question"])

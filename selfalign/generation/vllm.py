@@ -1,7 +1,7 @@
 """vLLM behind the engine's `Backend` contract, for generating at LLaMA-65B scale.
 
 Optional: `pip install 'selfalign[vllm]'` on a CUDA machine, then `backend: vllm` in a stage's
-settings (`--backend vllm`). Imported only when chosen.
+settings (`--backend vllm`). Imported only when chosen (by `engine_for`, or a stage checking its settings).
 
 **Not run against a real vLLM here.** vLLM cannot be installed on this project's machines, so
 this module is written against vLLM's documented offline API (`vllm.LLM`, `vllm.SamplingParams`,
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .generate import Completion, SamplingParams, cut_at_stop, first_token_biases
+from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases
 
 INSTALL_HINT = "the vllm backend needs vLLM on a CUDA machine: pip install 'selfalign[vllm]'"
 
@@ -43,7 +43,7 @@ def check_sampling(params: SamplingParams) -> None:
 
 def _import_vllm():
     try:
-        import vllm
+        import vllm  # the vLLM package: imports are absolute, so never this module of the same name
     except ImportError as error:
         raise ImportError(INSTALL_HINT) from error
     return vllm

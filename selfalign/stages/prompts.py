@@ -19,7 +19,9 @@ Every model call is stored in calls.jsonl before its results are used, and all s
 from a seeded RNG replayed from those calls, so a rerun after an interruption rebuilds the same state
 and only makes the calls that are missing. A stored call whose request text is not the one rebuilt
 (an edited seed, type or template file under the same path) is refused rather than reused.
-Prompt wording lives in `principles/red_team_templates.yaml`.
+Prompt wording lives in `principles/red_team_templates.yaml`; the types and templates are read, and
+completions parsed and filtered, by `selfalign.red_team`. This module only orchestrates: the calls,
+their order and seeds, the dedup against what was kept, and the records.
 
 Writes `runs/<run>/prompts/`: prompts.jsonl (schema prompt/1), topics.jsonl, drops.jsonl, calls.jsonl.
 """
@@ -27,42 +29,34 @@ Writes `runs/<run>/prompts/`: prompts.jsonl (schema prompt/1), topics.jsonl, dro
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..config import GenerationSettings
 from ..dedup import rouge_l_filter
-from ..generate import Engine, SamplingParams, engine_for
-from ..models import DEFAULT_MODEL
-from ..prompts import PRINCIPLES_DIR, PromptFileError, check_templates, load_prompts, read_yaml
+from ..generation import Engine, SamplingParams, engine_for
+from ..inputs import PRINCIPLES_DIR, PromptFileError, load_prompts
 from ..records import Run, provenance
+from ..red_team import (_clean_topic, _example_pairs, _hint, _normal, _numbered, _plan_line, filter_reason,
+                        load_red_team_types, load_templates, parse_mixed, parse_numbered_list)
 from .common import (check_backend, check_model, check_ranges, drop_reasons, generate_into, generation_record,
                      settings_of, stage_frames)
 
 STAGE = "prompts"
-# Self-Instruct's own list of words that mark a task a text model cannot do.
-NON_TEXT_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                  "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
-_NON_TEXT = re.compile(r"\b(" + "|".join(re.escape(w) for w in NON_TEXT_WORDS) + r")\b", re.IGNORECASE)
-_ITEM = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
 SCHEMES = ("topic", "mixed")  # how red-team questions are requested (PromptsConfig.red_team_scheme)
 SOURCES = ("self_instruct", "red_team")
 
 
 @dataclass
-class PromptsConfig:
-    run: str = "demo"  # run name: results go to <runs_dir>/<run>/prompts/
-    runs_dir: str = "runs"
-    model: str = DEFAULT_MODEL
+class PromptsConfig(GenerationSettings):
     seeds: str = str(PRINCIPLES_DIR / "seed_prompts.jsonl")  # or Self-Instruct's seed_tasks.jsonl
     types: str = str(PRINCIPLES_DIR / "red_team_types.yaml")
     templates: str = str(PRINCIPLES_DIR / "red_team_templates.yaml")
-    n_self_instruct: int = 16  # Self-Instruct prompts to keep
+    n_self_instruct: int = 8  # Self-Instruct prompts to keep
     calls_per_round: int = 8  # Self-Instruct list continuations per round
     k_seeds: int = 3  # seed prompts shown in each Self-Instruct call
     k_generated: int = 1  # generated prompts shown too, once there are some
     types_limit: int = 0  # use the first N instruction types (0: all)
-    topics_per_type: int = 2
+    topics_per_type: int = 1
     topic_max_words: int = 6  # longest brainstormed topic kept, in words (paper: 3)
     topics_shown: int = 0  # topics shown per brainstorm call, a seeded sample of the type's pool (0: all; paper: 5)
     brainstorm_calls: int = 1  # brainstorm calls per type per round, each its own sample (paper: one per pooled topic)
@@ -81,11 +75,6 @@ class PromptsConfig:
     temperature: float = 1.0
     list_top_p: float = 0.98
     question_top_p: float = 0.95
-    seed: int = 0
-    batch_size: int = 8
-    backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
-    tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)
-    restart: bool = False  # discard this stage's earlier results instead of resuming
 
     def __post_init__(self):
         if self.red_team_scheme not in SCHEMES:
@@ -103,84 +92,6 @@ class PromptsConfig:
                                "question_max_new_tokens", "batch_size", "tensor_parallel_size"),
                      probabilities=("list_top_p", "question_top_p"))
         check_backend(self.backend)
-
-
-@dataclass(frozen=True)
-class RedTeamType:
-    id: str
-    name: str
-    description: str
-    seed_topics: tuple[str, ...]
-    seed_questions: tuple[str, ...]
-
-
-def load_red_team_types(path: str | Path) -> list[RedTeamType]:
-    entries = read_yaml(path).get("types")
-    if not entries:
-        raise PromptFileError(f"{path}: expected a top-level 'types:' list")
-    types, seen = [], set()
-    for number, entry in enumerate(entries, 1):
-        missing = [k for k in ("id", "name", "description", "seed_topics", "seed_questions") if not entry.get(k)]
-        if missing:
-            raise PromptFileError(f"{path}: type #{number} ({entry.get('id', '?')}) lacks {', '.join(missing)}")
-        if entry["id"] in seen:
-            raise PromptFileError(f"{path}: type id {entry['id']!r} appears twice")
-        seen.add(entry["id"])
-        types.append(RedTeamType(entry["id"], entry["name"], entry["description"],
-                                 tuple(entry["seed_topics"]), tuple(entry["seed_questions"])))
-    return types
-
-
-def load_templates(path: str | Path) -> dict[str, str]:
-    templates = read_yaml(path)
-    check_templates(path, templates, {"self_instruct": ["{examples}", "{next}"],
-                                      "topics": ["{examples}", "{next}", "{name}"],
-                                      "questions": ["{examples}", "{topic}", "{name}"],
-                                      "questions_mixed": ["{plan}", "{examples}", "{first}"]})
-    if not templates["questions_mixed"].rstrip().endswith("{first}"):
-        # The parser takes the completion's first line as the first hint's question.
-        raise PromptFileError(f"{path}: template 'questions_mixed' must end with {{first}}")
-    return templates
-
-
-def parse_numbered_list(completion: str, cut_off: bool) -> list[str]:
-    """Items of a numbered list whose first item's number is in the prompt ("...\n4.").
-
-    The numbers the model writes are not trusted, only the layout.
-    A line that is not numbered continues the current item; a blank line ends the list, since what
-    follows is the model wandering off. When generation was cut off, the last item is incomplete.
-    """
-    items: list[str] = []
-    current = [completion.split("\n", 1)[0]]
-    for line in completion.split("\n")[1:]:
-        match = _ITEM.match(line)
-        if match:
-            items.append(" ".join(current))
-            current = [match.group(2)]
-        elif not line.strip():
-            cut_off = False  # the list ended before the cut
-            break
-        else:
-            current.append(line.strip())
-    items.append(" ".join(current))
-    if cut_off:
-        items = items[:-1]
-    return [re.sub(r"\s+", " ", item).strip() for item in items if item.strip()]
-
-
-def filter_reason(text: str, min_words: int, max_words: int) -> str | None:
-    """Why a candidate prompt is unusable, or None."""
-    words = len(text.split())
-    if words < min_words:
-        return f"fewer than {min_words} words"
-    if words > max_words:
-        return f"more than {max_words} words"
-    found = _NON_TEXT.search(text)
-    if found:
-        return f"non-text task ({found.group(1).lower()})"
-    if not text[0].isascii() or not text[0].isalnum():
-        return "does not start with a letter or digit"
-    return None
 
 
 def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dict:
@@ -241,6 +152,13 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
     return stage.manifest()
 
 
+def tables(run: str, runs_dir: str = "runs") -> dict:
+    """The stage's prompts, topics and drops as pandas DataFrames, for notebooks and reports."""
+    return stage_frames(Run(run, runs_dir).stage(STAGE), {
+        "prompts": ["id", "prompt", "source", "type", "topic", "seeds", "call"],
+        "topics": ["id", "type", "topic", "call"], "drops": ["id", "reason", "text", "source", "type"]})
+
+
 def _usable_seeds(config) -> list[dict]:
     seeds = load_prompts(config.seeds)
     usable = [s for s in seeds if filter_reason(s["prompt"], config.min_words, config.max_words) is None]
@@ -248,53 +166,6 @@ def _usable_seeds(config) -> list[dict]:
         raise PromptFileError(f"{config.seeds}: {len(usable)} usable seed prompts (of {len(seeds)}); "
                               f"need at least k_seeds={config.k_seeds} of {config.min_words}-{config.max_words} words")
     return usable
-
-
-def _numbered(items: list[str]) -> str:
-    return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def _keep(source, candidates, kept, config, prompts, drops, extra, limit=None) -> list[dict]:
-    """Filter one source's (id, text, fields) candidates; write the kept and the dropped; return the kept.
-
-    `kept` holds (source, text) of the seeds and of every prompt kept so far, and grows.
-    Past `limit` kept prompts, the rest are dropped as surplus rather than kept."""
-    clean = []
-    for key, text, fields in candidates:
-        reason = filter_reason(text, config.min_words, config.max_words)
-        if reason:
-            drops.write({"id": key, "reason": reason, "text": text, **fields})
-        else:
-            clean.append((key, text, fields))
-    if source in config.rouge_sources:
-        compared = [text for origin, text in kept if origin == "seed" or origin in config.rouge_sources]
-        survivors = set(rouge_l_filter([text for _, text, _ in clean], config.rouge_threshold, existing=compared))
-        repeat = f"near-duplicate (ROUGE-L >= {config.rouge_threshold})"
-    else:
-        # Dromedary ROUGE-filtered Self-Instruct only; an unfiltered source must still not repeat a
-        # seed or a kept prompt word for word.
-        seen, survivors, repeat = {_normal(text) for _, text in kept}, set(), "exact duplicate"
-        for index, (_, text, _) in enumerate(clean):
-            if _normal(text) not in seen:
-                seen.add(_normal(text))
-                survivors.add(index)
-    result = []
-    for index, (key, text, fields) in enumerate(clean):
-        if index not in survivors:
-            drops.write({"id": key, "reason": repeat, "text": text, **fields})
-            continue
-        if limit is not None and len(result) >= limit:
-            drops.write({"id": key, "reason": "target reached", "text": text, **fields})
-            continue
-        row = {"id": key, "prompt": text, **fields, "provenance": extra}
-        prompts.write(row)
-        kept.append((source, text))
-        result.append(row)
-    return result
 
 
 def _self_instruct(config, seeds, templates, kept, complete, prompts, drops) -> int:
@@ -325,10 +196,6 @@ def _self_instruct(config, seeds, templates, kept, complete, prompts, drops) -> 
         generated += _keep("self_instruct", candidates, kept, config, prompts, drops, source,
                            limit=config.n_self_instruct - len(generated))
     return len(generated)
-
-
-def _clean_topic(item: str) -> str:
-    return item.strip().strip("\"'*.,;:- ").strip()
 
 
 def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[str, list[str]]:
@@ -371,13 +238,6 @@ def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[
     return found
 
 
-def _example_pairs(t: RedTeamType) -> list[tuple[str, str]]:
-    # Each seed question is shown under the seed topic it shares most words with.
-    def overlap(topic, question):
-        return len(set(re.findall(r"\w+", topic.lower())) & set(re.findall(r"\w+", question.lower())))
-    return [(max(t.seed_topics, key=lambda topic: overlap(topic, q)), q) for q in t.seed_questions]
-
-
 def _red_team(config, types, topics, templates, kept, complete, prompts, drops) -> int:
     questions = _mixed_questions if config.red_team_scheme == "mixed" else _topic_questions
     params, candidates = questions(config, types, topics, templates, complete, drops)
@@ -411,38 +271,6 @@ def _topic_questions(config, types, topics, templates, complete, drops):
             continue
         candidates.append((key, question, fields[key]))
     return params, candidates
-
-
-def _plan_line(number: int, t: RedTeamType, topic: str) -> str:
-    return f"{number}. Kind: {t.name}. Topic: {topic}."
-
-
-def _hint(number: int, t: RedTeamType, topic: str) -> str:
-    """What opens question `number` of a mixed request; the parser looks for it."""
-    return f"{_plan_line(number, t, topic)} Question:"
-
-
-def parse_mixed(completion: str, hints: list[str], cut_off: bool) -> tuple[dict[int, str], int | None]:
-    """Questions of one mixed request by hint index, and the index whose question was cut off (or None).
-
-    The prompt ends with hints[0], so the first line answers it; a later line counts only when it
-    opens with one of the request's hints (the first answer to a hint wins; other lines are ignored).
-    When generation was cut off, a last line without closing punctuation is incomplete.
-    """
-    answers, cut = {}, None
-    lines = [line.strip() for line in completion.split("\n")]
-    for number, line in enumerate(lines):
-        if number == 0:
-            index, text = 0, line
-        else:
-            index = next((i for i, hint in enumerate(hints) if line.startswith(hint)), None)
-            text = line[len(hints[index]):].strip() if index is not None else ""
-        if not text or index in answers:
-            continue
-        answers[index] = text
-        if cut_off and number == len(lines) - 1 and not text.endswith(("?", ".")):
-            cut = index
-    return answers, cut
 
 
 def _mixed_questions(config, types, topics, templates, complete, drops):
@@ -482,23 +310,40 @@ def _mixed_questions(config, types, topics, templates, complete, drops):
     return params, candidates
 
 
-def tables(run_name: str, runs_dir: str = "runs") -> dict:
-    """The stage's prompts, topics and drops as pandas DataFrames, for notebooks and reports."""
-    return stage_frames(Run(run_name, runs_dir).stage(STAGE), {
-        "prompts": ["id", "prompt", "source", "type", "topic", "seeds", "call"],
-        "topics": ["id", "type", "topic", "call"], "drops": ["id", "reason", "text", "source", "type"]})
+def _keep(source, candidates, kept, config, prompts, drops, extra, limit=None) -> list[dict]:
+    """Filter one source's (id, text, fields) candidates; write the kept and the dropped; return the kept.
 
-
-def plot_prompts_per_type(prompts, ax=None):
-    """Horizontal bars: kept prompts per red-team type, with Self-Instruct as one more bar."""
-    import matplotlib.pyplot as plt
-
-    labels = prompts["type"].fillna("(self-instruct)") if len(prompts) else prompts.get("type", [])
-    counts = labels.value_counts().sort_values() if len(prompts) else []
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 0.25 * max(len(counts), 4) + 1))
-    if len(counts):
-        counts.plot.barh(ax=ax, color=["#999" if k == "(self-instruct)" else "#3a7" for k in counts.index])
-    ax.set_xlabel("kept prompts")
-    ax.set_title("Stage 1 prompts by source and red-team type")
-    return ax
+    `kept` holds (source, text) of the seeds and of every prompt kept so far, and grows.
+    Past `limit` kept prompts, the rest are dropped as surplus rather than kept."""
+    clean = []
+    for key, text, fields in candidates:
+        reason = filter_reason(text, config.min_words, config.max_words)
+        if reason:
+            drops.write({"id": key, "reason": reason, "text": text, **fields})
+        else:
+            clean.append((key, text, fields))
+    if source in config.rouge_sources:
+        compared = [text for origin, text in kept if origin == "seed" or origin in config.rouge_sources]
+        survivors = set(rouge_l_filter([text for _, text, _ in clean], config.rouge_threshold, existing=compared))
+        repeat = f"near-duplicate (ROUGE-L >= {config.rouge_threshold})"
+    else:
+        # Dromedary ROUGE-filtered Self-Instruct only; an unfiltered source must still not repeat a
+        # seed or a kept prompt word for word.
+        seen, survivors, repeat = {_normal(text) for _, text in kept}, set(), "exact duplicate"
+        for index, (_, text, _) in enumerate(clean):
+            if _normal(text) not in seen:
+                seen.add(_normal(text))
+                survivors.add(index)
+    result = []
+    for index, (key, text, fields) in enumerate(clean):
+        if index not in survivors:
+            drops.write({"id": key, "reason": repeat, "text": text, **fields})
+            continue
+        if limit is not None and len(result) >= limit:
+            drops.write({"id": key, "reason": "target reached", "text": text, **fields})
+            continue
+        row = {"id": key, "prompt": text, **fields, "provenance": extra}
+        prompts.write(row)
+        kept.append((source, text))
+        result.append(row)
+    return result

@@ -1,0 +1,131 @@
+"""The one generation engine every stage uses: raw-text prompts in, completions out.
+
+`Engine.stream` yields `(index, Completion)` pairs batch by batch, so that a stage can append each
+record to disk as soon as it exists; `Engine.generate` collects them in prompt order. Prompts are
+sorted by length and left-padded into batches. Each prompt samples from its own random generator,
+seeded from the run's seed and the prompt's key (contract.py), so a prompt's completion does not
+depend on which batch it landed in or on a resume, and the caller's random state is left untouched.
+
+A prompt set that shares a long prefix (SELF-ALIGN's principles and exemplars) passes it as
+`shared_prefix`: its key/value cache is computed once and reused by every batch.
+
+`engine_for` builds the engine a stage's settings ask for. Backends implement
+`Backend.stream_batch`: the Hugging Face ones are in hf.py, vLLM's in vllm.py, which is imported
+only when chosen. This module does not decide what prompts say or where results go: the stages and
+`records` do; nor how a batch is decoded: the backends do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .contract import Backend, Completion, PromptTooLongError, SamplingParams, default_keys, prompt_seed
+from .hf import HFBackend
+HF_BACKENDS = ("hf", "hf-static")
+BACKENDS = HF_BACKENDS + ("vllm",)
+
+
+@dataclass
+class Engine:
+    """Batches prompts for a backend, with a progress bar and a context-length check."""
+
+    backend: Backend
+    batch_size: int = 8
+    truncate: str | None = None  # None: refuse prompts that do not fit; "left": cut their start, with a warning
+    progress: bool = True
+    context_length: int = 2048
+
+    @classmethod
+    def for_model(cls, loaded, backend: str = "hf", **options) -> "Engine":
+        """An engine for a `models.LoadedModel` on a Hugging Face backend: "hf" (`generate`) or
+        "hf-static" (a static-cache decode loop, compiled on CUDA)."""
+        if backend not in HF_BACKENDS:
+            raise ValueError(f"backend {backend!r} runs on a loaded model only as one of {HF_BACKENDS}; "
+                             "use engine_for() for the others")
+        return cls(HFBackend(loaded, static=backend == "hf-static"), context_length=loaded.context_length, **options)
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 shared_prefix: str | None = None, keys: Sequence | None = None) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(prompts)
+        for index, completion in self.stream(prompts, params, shared_prefix, keys):
+            results[index] = completion
+        return results  # type: ignore[return-value]
+
+    def too_long(self, prompts: Sequence[str], params: SamplingParams,
+                 shared_prefix: str | None = None) -> dict[int, int]:
+        """{index: token count} of the prompts `stream` would refuse: longer than the context leaves
+        room for after max_new_tokens. Empty when the engine truncates, since it cuts them instead."""
+        if self.truncate:
+            return {}
+        budget = self.context_length - params.max_new_tokens
+        lengths = self.backend.count_tokens(list(prompts), shared_prefix)
+        return {i: n for i, n in enumerate(lengths) if n > budget}
+
+    def stream(self, prompts: Sequence[str], params: SamplingParams, shared_prefix: str | None = None,
+               keys: Sequence | None = None) -> Iterator[tuple[int, Completion]]:
+        """Yield (index into prompts, completion) as batches finish. `keys` (e.g. record ids) seed
+        each prompt's sampling; by default the text and its occurrence count do."""
+        named = keys is not None  # record ids name a prompt better than its place in this call
+        if keys is None:
+            keys = default_keys(prompts)
+        if len(keys) != len(prompts) or len(set(map(repr, keys))) != len(keys):
+            raise ValueError("keys must be unique and one per prompt")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.truncate not in (None, "left"):
+            raise ValueError(f"truncate must be None or 'left', got {self.truncate!r}")
+        if shared_prefix is not None:
+            bad = [i for i, p in enumerate(prompts) if not p.startswith(shared_prefix)]
+            if bad:
+                raise ValueError(f"prompts {bad[:5]} do not start with the shared prefix")
+            if self.truncate:
+                raise ValueError("truncate='left' would cut the shared prefix; shorten the prompts instead")
+        prompts = list(prompts)
+        lengths = self.backend.count_tokens(prompts, shared_prefix)
+        budget = self.context_length - params.max_new_tokens
+        for i, n in enumerate(lengths):
+            name = f"prompt {keys[i]!r}" if named else f"prompt {i}"
+            if n > budget and self.truncate is None:
+                raise PromptTooLongError(
+                    f"{name} has {n} tokens; with max_new_tokens={params.max_new_tokens} the model's "
+                    f"context of {self.context_length} leaves room for {budget}. Shorten it, lower "
+                    "max_new_tokens, or pass truncate='left' to drop its beginning."
+                )
+            if n > budget:
+                warnings.warn(f"{name} has {n} tokens; keeping its last {budget}", stacklevel=2)
+        # Longest first, so that a batch that does not fit in memory fails at once, not at the end.
+        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(prompts), unit="prompt", disable=not self.progress, desc="generating") as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                texts = [prompts[i] for i in chunk]
+                seeds = [prompt_seed(params.seed, keys[i]) for i in chunk]
+                outputs = self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
+                for index, completion in zip(chunk, outputs):
+                    yield index, completion
+                bar.update(len(chunk))
+
+
+def engine_for(config, loaded=None, adapter: str | None = None, **options) -> Engine:
+    """The engine a stage's settings ask for: their `backend`, `model` and `batch_size` (and, for
+    vLLM, `tensor_parallel_size`). `loaded` reuses a loaded Hugging Face model; `adapter` is a LoRA
+    directory, which vLLM applies itself (the Hugging Face backends get an adapted `loaded`)."""
+    backend = getattr(config, "backend", "hf")
+    if backend in HF_BACKENDS:
+        from ..models import load_model
+
+        return Engine.for_model(loaded or load_model(config.model), backend=backend, batch_size=config.batch_size,
+                                **options)
+    if backend == "vllm":
+        from ..models import vllm_model_path
+        from .vllm import VLLMBackend
+
+        path, bos_prefix = vllm_model_path(config.model)
+        vllm = VLLMBackend(path, tensor_parallel_size=getattr(config, "tensor_parallel_size", 1), adapter=adapter,
+                           bos_prefix=bos_prefix)
+        return Engine(vllm, batch_size=config.batch_size, context_length=vllm.context_length, **options)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

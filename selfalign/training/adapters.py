@@ -1,0 +1,118 @@
+"""LoRA adapters on disk and on a loaded model.
+
+A trained adapter is a plain PEFT adapter directory (`PeftModel.from_pretrained` loads it) with the
+tokenizer and `selfalign_adapter.json`, which names the base model, its shape, the data and the
+settings. Here: reading that file, applying an adapter (refusing one trained on a model of another
+shape), taking it out again, and handing an adapted model to the generation engine. Training
+the adapter is `lora.py`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..models import LoadedModel, ModelError
+
+ADAPTER_INFO = "selfalign_adapter.json"
+
+
+def model_shape(model) -> dict:
+    """What must match between an adapter's base model and the model it is applied to."""
+    config = model.config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+def adapter_info(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    path = adapter_dir / ADAPTER_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def apply_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
+    """The loaded model with a trained adapter applied (a new LoadedModel whose model is a PeftModel).
+
+    Refuses an adapter trained on a model of another shape, with both shapes in the message, rather
+    than peft's size-mismatch traceback; warns when only the base model's name differs.
+    """
+    from peft import PeftModel
+
+    info = adapter_info(adapter_dir)
+    if info:
+        expected, found = info["base_shape"], model_shape(loaded.model)
+        if expected != found:
+            differ = {k: (expected.get(k), found.get(k)) for k in expected if expected.get(k) != found.get(k)}
+            raise ModelError(f"adapter {adapter_dir} was trained on {info['base_model']!r}, a model of another "
+                             f"shape (adapter's base vs this model: {differ}); load {info['base_model']!r} instead")
+        if info["base_model"] != loaded.name:
+            warnings.warn(f"adapter {adapter_dir} was trained on {info['base_model']!r}, applying it to "
+                          f"{loaded.name!r} (same shape)", stacklevel=2)
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    except (RuntimeError, ValueError) as error:
+        raise ModelError(f"adapter {adapter_dir} does not fit {loaded.name!r}: {error}") from error
+    model.eval()
+    return LoadedModel(model, loaded.tokenizer, f"{loaded.name}+{Path(adapter_dir).parent.name}", loaded.path,
+                       loaded.bos_prefix)
+
+
+def remove_adapter(adapted: LoadedModel) -> None:
+    """Take an applied adapter's layers out of the base model again (it is shared with the caller)."""
+    _strip_lora(adapted.model)
+
+
+@contextmanager
+def adapted_for_generation(loaded: LoadedModel, adapter_dir: str | Path):
+    """The loaded model with an adapter applied, ready for the generation engine; afterwards the
+    caller's model is as it was.
+
+    In float32 the adapter is merged into the weights while generating (on a CPU the separate LoRA
+    matmuls cost nearly as much as the base ones at 135M) and subtracted again afterwards; in
+    16-bit weights that round trip would leave rounding error in the base model, so it stays apart.
+    """
+    import torch
+
+    adapted = apply_adapter(loaded, adapter_dir)
+    merge = next(loaded.model.parameters()).dtype == torch.float32
+    try:
+        if merge:
+            adapted.model.merge_adapter()
+        yield generation_model(adapted)
+    finally:
+        if merge:
+            adapted.model.unmerge_adapter()
+        remove_adapter(adapted)
+
+
+def generation_model(adapted: LoadedModel) -> LoadedModel:
+    """The same weights, as the plain transformers model the generation engine drives: its forward
+    has the cache arguments that PeftModel's wrapper hides. The LoRA layers stay active inside it."""
+    from peft import PeftModel
+
+    model = adapted.model.get_base_model() if isinstance(adapted.model, PeftModel) else adapted.model
+    return LoadedModel(model, adapted.tokenizer, adapted.name, adapted.path, adapted.bos_prefix)
+
+
+def _adapter_state(peft_model, full_state=None) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, state_dict=full_state)
+
+
+def _strip_lora(model) -> None:
+    from peft import PeftModel
+
+    try:
+        from accelerate.utils import extract_model_from_parallel
+
+        model = extract_model_from_parallel(model)
+    except ImportError:
+        pass
+    if isinstance(model, PeftModel):
+        model.unload()

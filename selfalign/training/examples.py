@@ -1,0 +1,105 @@
+"""Training examples for stages 3 and 4: records (id, prompt, answer) in the chat format, as token
+ids with a loss mask; the identity conversations; the held-out split; padding into a batch.
+
+Only the answer and the end-of-answer marker carry loss. An example whose answer would not fit
+the cutoff is dropped with its reason (or, with overlong="truncate", keeps the start of its
+answer without the marker). This module does not train or score (`lora.py`, `compare.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..chat_format import ChatFormat
+from ..inputs import read_yaml
+from ..models import LoadedModel
+
+
+def load_identity(path: str | Path, chat: ChatFormat) -> list[dict]:
+    """The conversations in which the assistant introduces itself (`principles/identity.yaml`), as
+    training records (id, prompt, answer, source "identity") under the chat format's names."""
+    data = read_yaml(path, ValueError)
+    conversations = data.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"{path}: expected a non-empty 'conversations:' list of user/answer pairs")
+    records = []
+    for number, entry in enumerate(conversations, 1):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k].strip()
+                                                  for k in ("user", "answer")):
+            raise ValueError(f"{path}: conversation #{number} needs non-empty 'user' and 'answer' texts")
+        try:
+            answer = entry["answer"].format(assistant=chat.assistant, developer=chat.developer)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"{path}: conversation #{number}: only {{assistant}} and {{developer}} can be "
+                             f"filled in ({error})") from None
+        records.append({"id": f"identity-{number}", "prompt": entry["user"].strip(), "answer": answer.strip(),
+                        "source": "identity"})
+    return records
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken (everything before the answer)
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != -100)
+
+
+def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, cutoff: int,
+                   overlong: str = "drop") -> tuple[list[Example], list[dict]]:
+    """(examples, drops) from records with id, prompt and answer.
+
+    Context and target are tokenized apart and joined, so the context's tokens are exactly those the
+    model sees at inference before it starts answering. A record with `"ended": False` (an answer
+    cut off by the token limit) gets no end-of-answer marker: it must not teach the model to stop
+    there. An example over `cutoff` is dropped, or with overlong="truncate" (Dromedary's) keeps the
+    start of its answer, again without the marker.
+    """
+    tokenizer = loaded.tokenizer
+    examples, drops = [], []
+    for record in records:
+        answer = (record.get("answer") or "").strip()
+        if not answer:
+            drops.append({"id": record["id"], "reason": "empty answer"})
+            continue
+        context = tokenizer(loaded.bos_prefix + chat.prompt(record["prompt"]))["input_ids"]
+        text = chat.target(answer) if record.get("ended", True) else answer
+        target = tokenizer(text, add_special_tokens=False)["input_ids"]
+        total = len(context) + len(target)
+        if total > cutoff and overlong == "truncate" and cutoff - len(context) >= MIN_TRUNCATED_ANSWER:
+            target = target[:cutoff - len(context)]
+        elif total > cutoff:
+            drops.append({"id": record["id"], "reason": f"longer than the cutoff ({total} > {cutoff} tokens)"})
+            continue
+        examples.append(Example(record["id"], context + target, [-100] * len(context) + target))
+    return examples, drops
+
+
+MIN_TRUNCATED_ANSWER = 8  # tokens; a prompt that leaves less room than this is dropped, not truncated
+
+
+def split_holdout(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """Ids held out of training: the `fraction` whose seeded hash is lowest (at least one when
+    fraction > 0 and there are two or more). By hash, so one id's side does not depend on the order."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {fraction}")
+    if fraction == 0 or len(ids) < 2:
+        return set()
+    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    return set(ranked[:max(1, round(fraction * len(ids)))])
+
+
+def _collate(examples: list[Example], pad_id: int, device) -> dict:
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in examples]
+    labels = [e.labels + [-100] * (width - len(e.labels)) for e in examples]
+    mask = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples]
+    return {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(labels, device=device),
+            "attention_mask": torch.tensor(mask, device=device)}
