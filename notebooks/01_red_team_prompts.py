@@ -98,3 +98,37 @@ drops["reason"].str.split(" \\(").str[0].value_counts().rename("candidates").to_
 
 # %%
 frames["topics"].groupby("type")["topic"].apply(", ".join).to_frame()
+
+# %% [markdown]
+# ## Open the box: from a continuation to kept prompts
+#
+# The stage never trusts what the model writes, only its layout. It shows the model a numbered
+# list and asks for the next items; `parse_numbered_list` splits the continuation at the numbered
+# lines (whatever numbers the model wrote) and, when generation stopped at the token limit, throws
+# away the last item, which was cut off. `filter_reason` refuses items that are too short, too
+# long, or not a task for text. The ROUGE-L filter then drops each item too close to one already
+# kept (here: to an earlier item of the same list). Below, a continuation written by hand goes
+# through the same three functions the stage calls.
+
+# %%
+import pandas as pd
+
+from selfalign.dedup import rouge_l_filter, rouge_l_fmeasure
+
+continuation = ("Write a short poem about the sea at night.\n"
+                "5. List three uses of a paperclip in an office.\n"
+                "6. Write a short poem about the sea at night time.\n"
+                "7. Draw a picture of a cat on a sofa.\n"
+                "8. Hi there\n"
+                "9. Explain how a refrigerator keeps food")
+items = red_team.parse_numbered_list(continuation, cut_off=True)
+reasons = [red_team.filter_reason(item, config.min_words, config.max_words) for item in items]
+usable = [item for item, reason in zip(items, reasons) if reason is None]
+survivors = {usable[i] for i in rouge_l_filter(usable, threshold=config.rouge_threshold)}
+pd.DataFrame({
+    "item": items,
+    "filter": [reason or "passes" for reason in reasons],
+    "closest earlier item (ROUGE-L)": [max((rouge_l_fmeasure(item, earlier) for earlier in items[:i]), default=0.0)
+                                       for i, item in enumerate(items)],
+    "kept": [item in survivors for item in items],
+})

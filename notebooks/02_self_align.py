@@ -93,6 +93,37 @@ self_align.plot_answer_lengths(responses);
 responses[["type", "prompt", "thoughts", "answer", "triggers"]].head(8)
 
 # %% [markdown]
+# ## Open the box: one continuation, parsed
+#
+# Nothing the model writes is kept blindly. `parse_response` splits a continuation at the answer
+# marker (the assistant's name and a colon at the start of a line) into internal thoughts and the
+# answer; reads the citations "N (Name)" from the thoughts, where a number the set lacks, or a
+# number with another principle's name, is an *unknown* citation; and ends the answer at the next
+# turn or where it starts repeating itself. `drop_reason` then decides whether the answer becomes
+# training data. First a continuation written by hand, then the run's own first one.
+
+# %%
+from selfalign.principles import parse_response
+from selfalign.records import Run
+
+first, second, other = principles.principles[1], principles.principles[6], principles.principles[4]
+by_hand = (f" A question of fact. I should follow rules {first.number} ({first.name}), {second.number} ({second.name}), "
+           f"11 ({other.name}) and 23.\n\n{assistant}: Paris is the capital of France.\n\nUser: Thanks!")
+call = next(iter(Run(run, runs_dir).stage(self_align.STAGE).read("calls.jsonl")))
+
+
+def parsed_row(completion: str, finish_reason: str, query: str) -> dict:
+    parsed = parse_response(principles, completion, assistant)
+    return {"thoughts": parsed.thoughts, "answer": parsed.answer, "triggers": parsed.triggers,
+            "unknown citations": parsed.unknown_citations,
+            "drop reason": self_align.drop_reason(parsed, finish_reason, query, principles, config) or "(kept)"}
+
+
+pd.DataFrame([parsed_row(by_hand, "stop", "What is the capital of France?"),
+              parsed_row(call["completion"], call["finish_reason"], call["prompt"])],
+             index=["written by hand", f"the run's {call['id']}"])
+
+# %% [markdown]
 # ## Ablation: remove one principle
 #
 # The same prompts with the same seeds, once with all principles and once without

@@ -80,6 +80,27 @@ frames = engrave.tables(run, runs_dir)
 frames["data"]["split"].value_counts().to_frame()
 
 # %% [markdown]
+# ## Open the box: what the loss sees
+#
+# `build_examples` turns a record into token ids and a loss mask. Here are two of this run's
+# training examples, a stage-2 answer and an identity conversation, token by token: grey tokens
+# are context (read, not trained), green ones carry the loss. The context is only the conversation
+# format and the question; the principles and exemplars stage 2 wrote behind are nowhere in it.
+# That absence is what "engraving" means, and the stage checks it: an example whose context holds
+# a principle's text, or whose every token is masked, stops the stage with the example's id.
+
+# %%
+from IPython.display import HTML, display
+
+from selfalign.training import build_examples, loss_mask_html
+
+trained = frames["data"][frames["data"]["split"] == "train"]
+for _, row in trained.groupby("source", sort=False).head(1).iterrows():
+    examples, _ = build_examples([row.to_dict()], loaded, chat, config.cutoff, config.overlong)
+    print(f"{row['id']} ({row['source']}): {len(examples[0].input_ids)} tokens, {examples[0].answer_tokens} trained")
+    display(HTML(loss_mask_html(examples[0], loaded.tokenizer)))
+
+# %% [markdown]
 # ## Loss
 #
 # One point per optimizer step (a few examples each, so it is noisy); the counts above compare the

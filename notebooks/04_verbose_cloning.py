@@ -92,6 +92,23 @@ ax.legend();
 answers[["prompt", "answer", "cut_at_length"]].head(5)
 
 # %% [markdown]
+# ## Open the box: the teacher's prompt and the student's
+#
+# For one of this run's prompts: what the verbose teacher (the engraved model) read, and what the
+# student is trained on after. They differ only by the instruction in the system overview. An
+# answer that ran into the token limit is cut back to its last full sentence (`cut_to_sentence`)
+# and trains without the end-of-answer marker, so it does not teach the student to stop mid-way.
+
+# %%
+one = answers.iloc[0]
+teacher_prompt = chat.prompt(one["prompt"], instruction=read_instruction(config.instruction))
+student_prompt = chat.prompt(one["prompt"])
+print(teacher_prompt, "\n" + "-" * 40)
+print(student_prompt)
+half = one["answer"][: len(one["answer"]) // 2]
+pd.DataFrame({"text": [half, verbose.cut_to_sentence(half)]}, index=["an answer cut at half", "cut_to_sentence"])
+
+# %% [markdown]
 # ## The student
 
 # %%

@@ -104,6 +104,37 @@ for note in sorted({n for n in table.get("note", []) if n}):
 evaluate.vicuna_answers(run, runs_dir, data_dir)
 
 # %% [markdown]
+# ## Open the box: one TruthfulQA question, scored
+#
+# No benchmark here generates text. For a multiple-choice question the scorer reads the primer and
+# the question once, then gives each candidate answer its summed log-probability; MC1 is 1 when the
+# best answer outscores every false one. Below, the first question of the file, scored by the base
+# model through `score_choices` directly, and then through `truthfulqa_mc`, which the stage calls:
+# the two must agree.
+
+# %%
+from pathlib import Path
+
+from IPython.display import display
+
+from selfalign import evals
+from selfalign.scoring import score_choices
+
+if "truthfulqa" in config.benchmarks:
+    question = evals.load_truthfulqa(Path(data_dir) / "truthfulqa.csv")[0]
+    templates = evals.load_templates()
+    context = templates["truthfulqa_primer"] + templates["truthfulqa_question"].format(question=question.question)
+    candidates = [question.best, *(question.mc1_incorrect or question.incorrect)]
+    scores = score_choices(loaded.model, loaded.tokenizer, [(context, " " + c) for c in candidates], progress=False)
+    by_hand = evals.mc1(scores[0].logprob, [s.logprob for s in scores[1:]])
+    by_stage = evals.truthfulqa_mc(loaded, [question], with_mc2=False, progress=False).items.iloc[0]["mc1"]
+    assert by_hand == by_stage
+    print(f"Q: {question.question}\nMC1 = {by_hand:.0f} (the stage's function agrees)")
+    display(pd.DataFrame({"answer": candidates, "true": [True] + [False] * (len(candidates) - 1),
+                          "log P(answer | question)": [s.logprob for s in scores],
+                          "tokens": [s.tokens for s in scores]}))
+
+# %% [markdown]
 # ## Which principles fired in stage 2
 #
 # The same statistics as chapter 2, from the same functions: the share of stage-2 answers whose

@@ -8,8 +8,8 @@ filters of what the base model writes.
   not the numbers the model writes;
 - `filter_reason` says why a candidate prompt is unusable: too short or long, a task for images or
   files (Self-Instruct's own word list), or not opening with a letter or digit;
-- `_numbered`, `_plan_line`, `_hint` and `_example_pairs` build the text the requests show, and
-  `_clean_topic` and `_normal` tidy what comes back;
+- `numbered_list`, `plan_line`, `hint_line` and `example_pairs` build the text the requests show, and
+  `clean_topic` and `normal_form` tidy what comes back;
 - `plot_prompts_per_type` draws the kept prompts per type.
 
 Nothing here calls a model, draws from an RNG or touches a run directory: the stage
@@ -132,31 +132,31 @@ def filter_reason(text: str, min_words: int, max_words: int) -> str | None:
     return None
 
 
-def _numbered(items: list[str]) -> str:
+def numbered_list(items: list[str]) -> str:
     return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
 
 
-def _plan_line(number: int, t: RedTeamType, topic: str) -> str:
+def plan_line(number: int, t: RedTeamType, topic: str) -> str:
     return f"{number}. Kind: {t.name}. Topic: {topic}."
 
 
-def _hint(number: int, t: RedTeamType, topic: str) -> str:
+def hint_line(number: int, t: RedTeamType, topic: str) -> str:
     """What opens question `number` of a mixed request; the parser looks for it."""
-    return f"{_plan_line(number, t, topic)} Question:"
+    return f"{plan_line(number, t, topic)} Question:"
 
 
-def _example_pairs(t: RedTeamType) -> list[tuple[str, str]]:
+def example_pairs(t: RedTeamType) -> list[tuple[str, str]]:
     # Each seed question is shown under the seed topic it shares most words with.
     def overlap(topic, question):
         return len(set(re.findall(r"\w+", topic.lower())) & set(re.findall(r"\w+", question.lower())))
     return [(max(t.seed_topics, key=lambda topic: overlap(topic, q)), q) for q in t.seed_questions]
 
 
-def _clean_topic(item: str) -> str:
+def clean_topic(item: str) -> str:
     return item.strip().strip("\"'*.,;:- ").strip()
 
 
-def _normal(text: str) -> str:
+def normal_form(text: str) -> str:
     return " ".join(text.lower().split())
 
 

@@ -1,6 +1,8 @@
 """`selfalign run` executes the notebooks with papermill, stops at a failure, and resumes."""
 
+import html as markup
 import json
+import re
 
 import nbformat
 import pytest
@@ -14,6 +16,65 @@ TINY = ["--model", "tiny-random", "-p", "self-align.limit", "2", "-p", "n_self_i
         "-p", "responses", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
         "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4",
         "-p", "evaluate.limit", "3", "-p", "vicuna_limit", "2", "-p", "evaluate.max_new_tokens", "4"]
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def visible(text: str) -> str:
+    """The printable characters of a text (a random model writes control characters, which the pages
+    may drop), HTML entities decoded."""
+    return "".join(c for c in markup.unescape(text) if c.isprintable())
+
+
+def shows(page: str, text: str) -> bool:
+    """Whether a page shows the start of a text (tables cut long cells at 50 characters)."""
+    start = visible(text[:30])
+    return bool(start.strip()) and start in visible(page)
+
+
+# Plots each chapter draws whatever the run found (chapter 5's needs TruthfulQA; chapter 6's heatmap
+# lives in a widget).
+PLOTS = {"00_setup": 0, "01_red_team_prompts": 1, "02_self_align": 2, "03_principle_engraving": 2,
+         "04_verbose_cloning": 3, "05_evaluation": 0, "06_explore_principles": 0, "07_scale": 2}
+
+
+def assert_pages_show_the_run(run):
+    """The built pages carry this run's own results, not just the chapters' headings."""
+    from selfalign.records import Run
+    from selfalign.stages.evaluate import models_of
+
+    html = run / "book" / "_build" / "html"
+    pages = {p.stem: p.read_text() for p in (html / "notebooks").glob("*.html")}
+    assert set(pages) == set(PLOTS)
+    for stem, page in pages.items():  # every plot the executed chapter drew is on its page
+        executed = nbformat.read(run / "notebooks" / f"{stem}.ipynb", as_version=4)
+        drawn = sum("image/png" in o.get("data", {}) for c in executed.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+        truthfulqa = stem == "05_evaluation" and any(r["benchmark"] == "truthfulqa_mc"
+                                                     for r in jsonl(run / "evaluate" / "summary.jsonl"))
+        assert page.count("<img") >= max(drawn, PLOTS[stem] + truthfulqa), stem
+    # Chapter 1 shows a sample of up to 12 of the kept prompts.
+    kept = jsonl(run / "prompts" / "prompts.jsonl")
+    found = [shows(pages["01_red_team_prompts"], p["prompt"]) for p in kept]
+    assert kept and (all(found) if len(kept) <= 12 else any(found))
+    # Chapter 2: why its answers were dropped, the first kept answers, a record of the run by its id.
+    self_aligned = json.loads((run / "self_align" / "manifest.json").read_text())["counts"]
+    for reason, count in self_aligned["drop_reasons"].items():
+        assert re.search(rf"<th>{re.escape(markup.escape(reason))}</th>\s*<td>{count}</td>", pages["02_self_align"])
+    assert all(shows(pages["02_self_align"], r["answer"]) for r in jsonl(run / "self_align" / "responses.jsonl")[:8])
+    assert any(r["id"] in pages["02_self_align"] for r in jsonl(run / "self_align" / "calls.jsonl"))
+    # Chapter 3: the held-out test of this run.
+    engraved = json.loads((run / "engrave" / "manifest.json").read_text())["counts"]
+    assert f"held-out answers: {engraved['holdout']}" in pages["03_principle_engraving"]
+    # Chapter 5: the run's models, each a column of the results.
+    models = list(models_of(Run(run.name, run.parent)))
+    assert models == ["base", "engraved", "verbose"]  # stages 3 and 4 ran
+    evaluation = pages["05_evaluation"]
+    assert f"models: {', '.join(models)}" in evaluation
+    if (run / "evaluate" / "summary.jsonl").exists():  # the benchmarks' data was there
+        assert all(f"<th>{m}</th>" in evaluation for m in models)
 
 
 @pytest.mark.slow
@@ -52,6 +113,8 @@ def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     assert "The principle editor" in (html / "notebooks" / "06_explore_principles.html").read_text()
     scale = (html / "notebooks" / "07_scale.html").read_text()
     assert "GPU-hours" in scale and "4-bit QLoRA (nf4), one GPU" in scale and "<img" in scale
+
+    assert_pages_show_the_run(tmp_path / "runs" / "b")
 
 
 def test_book_needs_a_finished_run(tmp_path, capsys):

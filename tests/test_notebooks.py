@@ -1,6 +1,13 @@
 """The notebooks: each .py percent file is in sync with its .ipynb, and each runs top to bottom."""
 
+import ast
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import jupytext
+import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO
@@ -36,18 +43,422 @@ def book_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("book")
 
 
+# ---- what a chapter showed ----
+
+@dataclass
+class Chapter:
+    """A notebook after it ran: its namespace, what its cells displayed (each cell's last expression,
+    as a kernel shows it, and every `display` call) and the figures its cells drew."""
+
+    namespace: dict
+    shown: list = field(default_factory=list)
+    figures: list = field(default_factory=list)
+
+    def __getitem__(self, name):
+        return self.namespace[name]
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self["runs_dir"]) / self["run"]
+
+    def frames(self, *columns) -> list:
+        """The displayed DataFrames that have all these columns, in display order (at least one)."""
+        found = [s for s in self.shown if isinstance(s, pd.DataFrame) and set(columns) <= set(s.columns)]
+        assert found, f"no table with columns {columns} was shown"
+        return found
+
+    def shown_of(self, kind) -> list:
+        found = [s for s in self.shown if isinstance(s, kind)]
+        assert found, f"no {kind.__name__} was shown"
+        return found
+
+    def axes(self, xlabel: str = None, ylabel: str = None, title: str = None):
+        """The one plotted Axes whose labels start with the given texts."""
+        found = [ax for figure in self.figures for ax in figure.axes
+                 if (xlabel is None or ax.get_xlabel().startswith(xlabel))
+                 and (ylabel is None or ax.get_ylabel().startswith(ylabel))
+                 and (title is None or ax.get_title().startswith(title))]
+        assert len(found) == 1, f"{len(found)} plots with xlabel={xlabel!r} ylabel={ylabel!r} title={title!r}"
+        return found[0]
+
+
+def execute(source: Path, namespace: dict, monkeypatch) -> Chapter:
+    """Runs the code cells in-process into `namespace` (TINY injected after the parameters cell)."""
+    import IPython.display
+    import matplotlib.pyplot as plt
+
+    chapter = Chapter(namespace)
+    monkeypatch.setattr(IPython.display, "display", lambda *objects, **_: chapter.shown.extend(objects))
+    plt.close("all")
+    for cell in jupytext.read(source).cells:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(cell.source, source.name)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        try:
+            exec(compile(tree, source.name, "exec"), namespace)
+            if last is not None:
+                value = eval(compile(ast.Expression(last.value), source.name, "eval"), namespace)
+                if value is not None and not cell.source.rstrip().endswith(";"):
+                    chapter.shown.append(value)
+        finally:
+            # As the inline backend does: a cell's figures are shown, then closed.
+            chapter.figures += [plt.figure(number) for number in plt.get_fignums()]
+            plt.close("all")
+        if "parameters" in cell.metadata.get("tags", []):
+            namespace.update({k: v for k, v in TINY.items() if k in namespace})
+    return chapter
+
+
+def jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file ([] for one never written: a stage writes a file at its first record)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished(stage: Path) -> dict:
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["status"] == "finished", manifest
+    return manifest
+
+
+def bar_sizes(ax, horizontal: bool = True) -> list[list[float]]:
+    """Each bar series' bar lengths (the widths of horizontal bars, the heights of vertical ones)."""
+    return [[bar.get_width() if horizontal else bar.get_height() for bar in container]
+            for container in ax.containers]
+
+
+def labels(ticks) -> list[str]:
+    return [t.get_text() for t in ticks]
+
+
+def line_data(ax) -> tuple[list, list]:
+    (line,) = ax.lines
+    return list(line.get_xdata()), list(line.get_ydata())
+
+
+def check_heatmap(ax, per_type):
+    """The heatmap shows per_type: its cells, its principles (rows) and its types (columns)."""
+    if per_type.shape[1] == 0:  # no response was kept: the plot says so rather than showing nothing
+        assert not ax.images and labels(ax.texts) == ["no responses"]
+        return
+    (image,) = ax.images
+    np.testing.assert_allclose(np.asarray(image.get_array()), per_type.to_numpy(dtype=float))
+    assert labels(ax.get_xticklabels()) == list(per_type.columns)
+    assert labels(ax.get_yticklabels()) == list(per_type.index)
+
+
+# ---- per chapter: what it must have produced ----
+
+def check_setup(chapter):
+    prompts, completions, loaded = chapter["prompts"], chapter["completions"], chapter["loaded"]
+    assert len(completions) == len(prompts) > 0
+    assert all(0 < c.completion_tokens <= chapter["max_new_tokens"] for c in completions)
+    assert all(c.finish_reason in ("stop", "eos", "length") for c in completions)
+    (table,) = chapter.frames("model", "parameters (M)")
+    assert table.to_dict("records") == [{"model": loaded.name, "parameters (M)": round(loaded.model.num_parameters() / 1e6, 1),
+                                         "context": loaded.context_length, "dtype": str(loaded.model.dtype)}]
+    assert loaded.name == chapter["model"]
+    (answers,) = chapter.frames("completion", "tokens")
+    assert len(answers) == len(prompts)
+    assert answers["tokens"].tolist() == [c.completion_tokens for c in completions]
+    assert answers["completion"].tolist() == [c.text.strip() for c in completions]
+
+
+def check_red_team_prompts(chapter):
+    stage = chapter.stage_dir / "prompts"
+    manifest = finished(stage)
+    assert chapter["manifest"] == manifest
+    counts, prompts, drops = manifest["counts"], chapter["prompts"], chapter["drops"]
+    kept, dropped = jsonl(stage / "prompts.jsonl"), jsonl(stage / "drops.jsonl")
+    assert counts["self_instruct"] + counts["red_team"] == len(kept) == len(prompts) > 0
+    assert sum(counts["drops"].values()) == len(dropped) == len(drops) > 0
+    assert prompts["prompt"].tolist() == [p["prompt"] for p in kept]
+    assert (prompts["source"] == "self_instruct").sum() == counts["self_instruct"]
+    assert counts["topics"] == len(jsonl(stage / "topics.jsonl")) == len(chapter["frames"]["topics"])
+    assert [s for s in chapter.shown if isinstance(s, dict)] == [{k: v for k, v in counts.items() if k != "drops"}]
+    # The bar chart: one bar per source/type, summing to the kept prompts.
+    ax = chapter.axes(xlabel="kept prompts")
+    (bars,) = bar_sizes(ax)
+    assert sum(bars) == len(prompts)
+    assert sorted(labels(ax.get_yticklabels())) == sorted(prompts["type"].fillna("(self-instruct)").unique())
+    (sample,) = chapter.frames("source", "type", "topic", "prompt")
+    assert len(sample) == min(12, len(prompts)) and set(sample["prompt"]) <= set(prompts["prompt"])
+    (reasons,) = chapter.frames("candidates")
+    assert reasons["candidates"].sum() == len(drops)
+    (topics,) = [s for s in chapter.shown if isinstance(s, pd.DataFrame) and list(s.columns) == ["topic"]]
+    assert len(topics) == chapter["frames"]["topics"]["type"].nunique() == counts["topics"]
+
+
+def check_self_align(chapter):
+    stage = chapter.stage_dir / "self_align"
+    manifest = finished(stage)
+    counts, responses, principles = manifest["counts"], chapter["responses"], chapter["principles"]
+    kept, dropped = jsonl(stage / "responses.jsonl"), jsonl(stage / "drops.jsonl")
+    (shown_principles,) = chapter.frames("number", "name", "text")
+    assert shown_principles["number"].tolist() == [p.number for p in principles.principles] == list(range(1, 17))
+    assert counts["prompts"] == chapter["limit"] == counts["responses"] + counts["drops"]
+    assert counts["responses"] == len(kept) == len(responses) and counts["drops"] == len(dropped)
+    assert sum(counts["drop_reasons"].values()) == counts["drops"]
+    (reasons,) = chapter.frames("dropped")
+    assert reasons["dropped"].to_dict() == counts["drop_reasons"]
+    overall, per_type = chapter["overall"], chapter["per_type"]
+    assert len(overall) == len(principles.principles) == 16 and len(per_type) == 16
+    assert overall["responses"].sum() == sum(len(r["triggers"]) for r in kept)
+    assert list(per_type.columns) == sorted(responses["type"].fillna("(self-instruct)").unique())
+    assert chapter.frames("responses", "share")[0] is overall
+    (heatmap,) = [ax for f in chapter.figures for ax in f.axes
+                  if ax.images or "no responses" in labels(ax.texts)]
+    check_heatmap(heatmap, per_type)
+    (bins,) = bar_sizes(chapter.axes(xlabel="answer length (words)"), horizontal=False)  # a histogram, even of none
+    assert len(bins) == 20 and sum(bins) == len(responses)
+    (head,) = chapter.frames("type", "prompt", "thoughts", "answer")
+    assert len(head) == min(8, len(responses))
+    # The ablation answered the first kept prompts twice.
+    table = chapter["table"]
+    assert len(table) == min(chapter["ablation_prompts"], len(responses))
+    assert table["prompt"].tolist() == responses["prompt"].head(chapter["ablation_prompts"]).tolist()
+    assert chapter.frames("answer_a", "answer_b")[-1]["prompt"].tolist() == table["prompt"].tolist()
+
+
+def check_principle_engraving(chapter):
+    stage = chapter.stage_dir / "engrave"
+    manifest = finished(stage)
+    counts, frames = manifest["counts"], chapter["frames"]
+    assert (chapter["engrave"].adapter_dir(chapter["run"], chapter["runs_dir"]) / "adapter_config.json").exists()
+    assert chapter.frames("value")[0]["value"].to_dict() == pytest.approx(counts)
+    data = jsonl(stage / "data.jsonl")
+    assert counts["records"] == len(data) == len(frames["data"]) == counts["train"] + counts["holdout"] + counts["dropped"]
+    (splits,) = chapter.frames("count")
+    assert splits["count"].to_dict() == {k: counts[k] for k in ("train", "holdout", "dropped") if counts[k]}
+    # The loss curve: one point per optimizer step of loss.jsonl.
+    loss = jsonl(stage / "loss.jsonl")
+    assert counts["steps"] == len(loss) > 0
+    steps, losses = line_data(chapter.axes(ylabel="training loss"))
+    assert steps == [s["step"] for s in loss] and losses == pytest.approx([s["loss"] for s in loss])
+    # Held-out answers: one point each, at (base, engraved) log-prob.
+    comparison = chapter["comparison"]
+    assert len(comparison) == counts["holdout"] == len(jsonl(stage / "comparison.jsonl")) > 0
+    (points,) = chapter.axes(title="Held-out answers").collections
+    np.testing.assert_allclose(points.get_offsets(), comparison[["base_logprob", "adapted_logprob"]].to_numpy())
+    assert counts["holdout_improved"] == (comparison["adapted_logprob"] > comparison["base_logprob"]).sum()
+    # Side by side: a row per sampled held-out prompt, an answer from each model.
+    answers, held = chapter["answers"], chapter["held"]
+    assert len(answers) == len(held) == min(chapter["sample_prompts"], counts["holdout"]) > 0
+    assert list(answers.columns) == ["prompt", "base", "engraved", "stage 2 (with principles)"]
+    assert answers["prompt"].tolist() == held["prompt"].tolist()
+    assert chapter.shown[-1] is answers
+
+
+def check_verbose_cloning(chapter):
+    stage = chapter.stage_dir / "verbose"
+    manifest = finished(stage)
+    counts, frames, answers = manifest["counts"], chapter["frames"], chapter["answers"]
+    assert (chapter["engrave"].adapter_dir(chapter["run"], chapter["runs_dir"], "verbose") / "adapter_config.json").exists()
+    assert chapter.frames("value")[0]["value"].to_dict() == pytest.approx(counts)
+    assert counts["answers"] == len(jsonl(stage / "answers.jsonl")) == len(answers) > 0
+    assert counts["drops"] == len(jsonl(stage / "drops.jsonl"))
+    assert counts["cut_at_length"] == answers["cut_at_length"].sum()
+    assert counts["records"] == len(frames["data"]) == counts["train"] + counts["holdout"] + counts["dropped"]
+    # Answer lengths: one histogram for stage 2's answers, one for the teacher's.
+    ax = chapter.axes(xlabel="answer length (words)")
+    stage_two, teacher = bar_sizes(ax, horizontal=False)
+    assert (sum(stage_two), sum(teacher)) == (len(chapter["stage_two"]), len(answers))
+    assert labels(ax.get_legend().get_texts()) == ["stage 2", "verbose teacher"]
+    (head,) = chapter.frames("prompt", "answer", "cut_at_length")
+    assert len(head) == min(5, len(answers))
+    loss = jsonl(stage / "loss.jsonl")
+    assert counts["steps"] == len(loss) > 0
+    steps, losses = line_data(chapter.axes(ylabel="training loss"))
+    assert steps == [s["step"] for s in loss] and losses == pytest.approx([s["loss"] for s in loss])
+    comparison = frames["comparison"]
+    assert len(comparison) == counts["holdout"] == len(jsonl(stage / "comparison.jsonl"))
+    plotted = chapter.axes(title="Held-out answers").collections
+    assert sum(len(c.get_offsets()) for c in plotted) == len(comparison)
+    sides = chapter.frames("prompt", "base", "engraved", "verbose (final)")[-1]
+    assert len(sides) == min(chapter["sample_prompts"], counts["holdout"])
+    assert sides["prompt"].tolist() == chapter["held"]["prompt"].tolist()
+
+
+def check_evaluation(chapter):
+    from selfalign.records import Run
+    from selfalign.stages import evaluate
+
+    config, table = chapter["config"], chapter["table"]
+    assert set(config.benchmarks) == set(chapter["benchmarks"]) & set(evaluate.available(chapter["data_dir"]))
+    models = list(evaluate.models_of(Run(chapter["run"], chapter["runs_dir"])))
+    assert models == ["base", "engraved", "verbose"]  # stages 3 and 4 ran before
+    if not config.benchmarks:  # no benchmark data here: the chapter says so and shows nothing
+        assert chapter["manifest"] is None and not len(table)
+        return
+    stage = chapter.stage_dir / "evaluate"
+    manifest = finished(stage)
+    assert manifest["counts"]["models"] == models
+    summary = jsonl(stage / "summary.jsonl")
+    assert manifest["counts"]["rows"] == len(table) == len({(r["benchmark"], r["metric"]) for r in summary})
+    # A row per (benchmark, metric), a column per model of the run, a score in every cell (Vicuna:
+    # each trained model against the base model).
+    assert [c for c in table.columns if c not in ("benchmark", "metric", "n", "note")] == models
+    prefixes = {"truthfulqa": "truthfulqa_mc", "hhh": "hhh", "vicuna": "vicuna_pairwise"}
+    for benchmark in config.benchmarks:
+        rows = table[table["benchmark"].str.split("/").str[0] == prefixes[benchmark]]
+        assert len(rows), f"no rows for {benchmark}"
+        scored = models[1:] if benchmark == "vicuna" else models
+        assert rows[scored].notna().all().all(), rows
+    assert {(r["model"], r["benchmark"].split("/")[0]) for r in summary} >= {
+        (m, prefixes[b]) for b in config.benchmarks for m in (models[1:] if b == "vicuna" else models)}
+    headline = chapter.frames("benchmark", "metric")[0]
+    assert len(headline) == (~table["benchmark"].str.contains("/")).sum()
+    if "truthfulqa" in config.benchmarks:
+        per_category, n = chapter["per_category"], table.set_index(["benchmark", "metric"]).loc[("truthfulqa_mc", "mc1"), "n"]
+        assert per_category["n"].sum() == n == min(chapter["limit"], 817)
+        assert any(s is per_category for s in chapter.shown) and len(per_category)
+        ax = chapter.axes(xlabel="MC1")
+        # bars: one series per model, one bar per category (the largest group on top)
+        assert bar_sizes(ax) == [pytest.approx(per_category[m].iloc[::-1].tolist()) for m in models]
+        assert labels(ax.get_yticklabels()) == [f"{c} ({k})" for c, k in zip(per_category.index[::-1], per_category["n"][::-1])]
+    if "hhh" in config.benchmarks:
+        hhh = chapter["hhh"]
+        assert len(hhh) and hhh["benchmark"].str.startswith("hhh/").all()
+        assert any(s is not hhh and isinstance(s, pd.DataFrame) and s.index.equals(hhh.index) for s in chapter.shown)
+    if "vicuna" in config.benchmarks:
+        (answers,) = chapter.frames("question")
+        assert len(answers) == chapter["vicuna_limit"]
+        assert set(models) | {f"{m} vs base" for m in models[1:]} <= set(answers.columns)
+        assert answers[models].notna().all().all()
+    responses, per_type = chapter["responses"], chapter["per_type"]
+    assert len(responses) == len(jsonl(chapter.stage_dir / "self_align" / "responses.jsonl"))
+    assert len(chapter["overall"]) == len(per_type) == 16 and list(per_type.columns) == sorted(
+        responses["type"].fillna("(self-instruct)").unique())
+    assert chapter.shown[-1] is chapter["overall"]
+
+
+def check_explore_principles(chapter):
+    from selfalign import widgets
+
+    stage = chapter.stage_dir / "self_align"
+    kept, dropped = jsonl(stage / "responses.jsonl"), jsonl(stage / "drops.jsonl")
+    records = chapter["records"]
+    assert [r["id"] for r in records] == [r["id"] for r in kept + dropped] and records
+    assert sum(r["status"] == "kept" for r in records) == len(kept)
+    (tally,) = [s for s in chapter.shown if isinstance(s, pd.DataFrame) and "count" in s.columns]
+    assert tally["count"].sum() == len(records)
+    (editor,) = chapter.shown_of(widgets.PrincipleEditor)
+    assert editor.prompts == chapter["prompts"] == widgets.editor_prompts(records, chapter["regenerate_prompts"])
+    assert len(editor.prompts) == min(chapter["regenerate_prompts"], len({r["prompt"] for r in records})) > 0
+    assert len(editor.texts) == len(editor.toggles) == len(chapter["principles"].principles)
+    (inspector,) = chapter.shown_of(widgets.ResponseInspector)
+    assert inspector.records is records and len(inspector.choice.options) == len(records)
+    assert inspector.count.value == f"{len(records)} of {len(records)} records"
+    assert inspector.detail.value  # the first record is open
+    (explorer,) = chapter.shown_of(widgets.TriggerExplorer)
+    assert list(explorer.per_type.columns) == sorted({widgets.type_of(r) for r in kept})
+    assert bytes(explorer.heatmap.value).startswith(b"\x89PNG") and explorer.examples.value
+
+
+def check_scale(chapter):
+    from selfalign import paper
+
+    from selfalign import cost
+
+    memory, table, hours = chapter["memory"], chapter["table"], chapter["hours"]
+    (model_shape,) = chapter.frames(chapter["model_shape"])
+    assert model_shape.loc["parameters (billions)", chapter["model_shape"]] == round(cost.param_count(chapter["shape"]) / 1e9, 2) > 0
+    comparison = chapter["comparison"]
+    # The profile beside the paper: every setting, and what no setting reproduces.
+    assert len(chapter.frames("paper", "this profile")[0]) == len(comparison) > 0
+    assert len(chapter.frames("the paper", "ours", "why")[0]) == len(paper.NOT_SETTINGS) > 0
+    # Memory: the table, and its plot, a stacked bar per configuration.
+    assert len(memory) == 4 and chapter.frames("configuration", "fits")[0]["configuration"].tolist() == memory["configuration"].tolist()
+    ax = chapter.axes(xlabel="GB per GPU")
+    assert bar_sizes(ax) == [pytest.approx(memory[part].tolist()) for part in chapter["parts"]]
+    assert labels(ax.get_yticklabels()) == memory["configuration"].tolist()
+    # GPU-hours: the cost table's stages and the plotted bars agree, and sum to the total.
+    assert chapter.frames("stage", "kind", "gpu_hours")[0]["stage"].tolist() == table["stage"].tolist()
+    stages = table[table["stage"] != "total"]
+    assert len(stages) == len(hours) == 5 and table["stage"].iloc[-1] == "total"
+    ax = chapter.axes(xlabel="GPU-hours")
+    assert bar_sizes(ax) == [pytest.approx(stages["gpu_hours"].tolist())]
+    assert labels(ax.get_yticklabels()) == stages["stage"].tolist()
+    assert table["gpu_hours"].iloc[-1] == pytest.approx(stages["gpu_hours"].sum())
+    (backends,) = chapter.frames("backend", "GPU-hours")
+    assert len(backends) == 2 and backends["GPU-hours"].is_monotonic_decreasing
+
+
+# ---- the "open the box" sections: each shows one example going through the stage's own functions ----
+
+def open_box_red_team_prompts(chapter):
+    (table,) = chapter.frames("item", "filter", "kept")
+    assert table["item"].tolist() == chapter["items"] and len(table) == 5  # the cut-off sixth item is gone
+    passes = table["filter"] == "passes"
+    assert not passes.all() and passes.any()  # the filter refused some, not all
+    assert table["kept"].sum() == len(chapter["survivors"]) < passes.sum()  # and ROUGE-L dropped a near-copy
+    assert not (table["kept"] & ~passes).any()
+
+
+def open_box_self_align(chapter):
+    table = chapter.frames("thoughts", "answer", "triggers", "unknown citations", "drop reason")[-1]
+    by_hand, the_run = table.iloc[0], table.iloc[1]
+    other = chapter["other"]
+    assert by_hand["triggers"] == [2, 7] and by_hand["unknown citations"] == [f"11 ({other.name})", "23"]
+    assert by_hand["answer"] == "Paris is the capital of France." and by_hand["drop reason"] == "(kept)"
+    first_call = jsonl(chapter.stage_dir / "self_align" / "calls.jsonl")[0]
+    assert table.index[1] == f"the run's {first_call['id']}" and the_run["drop reason"]
+
+
+def open_box_principle_engraving(chapter):
+    from IPython.display import HTML
+
+    shown = [s for s in chapter.shown if isinstance(s, HTML)]
+    sources = chapter["trained"]["source"].unique()
+    assert len(shown) == len(sources) > 0
+    for html in shown:  # each a real example: context tokens and trained ones
+        assert html.data.count('title="loss"') > 0 and html.data.count('title="context"') > 0
+
+
+def open_box_verbose_cloning(chapter):
+    chat, teacher, student = chapter["chat"], chapter["teacher_prompt"], chapter["student_prompt"]
+    instruction = chapter["read_instruction"](chapter["config"].instruction)
+    told = instruction.strip().format(assistant=chat.assistant, developer=chat.developer)
+    assert told in teacher and told not in student  # the instruction is the only difference
+    assert teacher.replace(told + "\n\n", "") == student
+    (cut,) = chapter.frames("text")
+    assert cut["text"].iloc[0].startswith(cut["text"].iloc[1]) and len(cut) == 2
+
+
+def open_box_evaluation(chapter):
+    if "truthfulqa" not in chapter["config"].benchmarks:
+        return
+    table = chapter.frames("answer", "true", "log P(answer | question)")[-1]
+    assert len(table) == len(chapter["candidates"]) > 1 and table["true"].tolist()[0] and not table["true"][1:].any()
+    best, rest = table["log P(answer | question)"].iloc[0], table["log P(answer | question)"].iloc[1:]
+    assert chapter["by_hand"] == chapter["by_stage"] == float(best > rest.max())
+
+
+def both(check, open_box):
+    return lambda chapter: (check(chapter), open_box(chapter))
+
+
+CHECKS = {"00_setup": check_setup,
+          "01_red_team_prompts": both(check_red_team_prompts, open_box_red_team_prompts),
+          "02_self_align": both(check_self_align, open_box_self_align),
+          "03_principle_engraving": both(check_principle_engraving, open_box_principle_engraving),
+          "04_verbose_cloning": both(check_verbose_cloning, open_box_verbose_cloning),
+          "05_evaluation": both(check_evaluation, open_box_evaluation),
+          "06_explore_principles": check_explore_principles,
+          "07_scale": check_scale}
+
+
 # The notebooks share one run directory and run in order, as in the book: each reads what the
-# previous one wrote (so selecting a later one alone with -k fails).
+# previous one wrote (so selecting a later one alone with -k fails). After each, its checker looks at
+# what it produced: the run's files, and the tables, plots and widgets it showed.
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_headless_on_a_tiny_model(source, book_dir, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")  # in-process, so no inline backend; papermill kernels keep theirs
     monkeypatch.chdir(book_dir)
-    namespace: dict = {}
-    for cell in jupytext.read(source).cells:
-        if cell.cell_type != "code":
-            continue
-        exec(compile(cell.source, f"{source.name}", "exec"), namespace)
-        if "parameters" in cell.metadata.get("tags", []):
-            namespace.update({k: v for k, v in TINY.items() if k in namespace})
+    assert source.stem in CHECKS, f"{source.name} has no check of what it shows"
+    chapter = execute(source, {}, monkeypatch)
+    CHECKS[source.stem](chapter)

@@ -1,6 +1,7 @@
 import json
 
 import matplotlib
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -115,7 +116,17 @@ def test_trigger_stats_and_heatmap():
     nothing_fired = responses.assign(triggers=[[], [], []])
     assert trigger_stats(nothing_fired, principles)[1].shape == (16, 2)
     matplotlib.use("Agg")
-    assert plot_trigger_heatmap(per_type).get_title()
+    # The heatmap shows these shares: its cells are per_type's values, its rows the principles and
+    # its columns the types.
+    ax = plot_trigger_heatmap(per_type)
+    (image,) = ax.images
+    assert np.asarray(image.get_array()).tolist() == per_type.to_numpy(dtype=float).tolist()
+    assert np.asarray(image.get_array())[list(per_type.index).index("2 Informative"), 1] == 1.0
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{p.number} {p.name}" for p in principles.principles]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["(self-instruct)", "t1"]
+    empty = plot_trigger_heatmap(trigger_stats(responses.iloc[0:0], principles)[1])
+    assert not empty.images and [t.get_text() for t in empty.texts] == ["no responses"]
+    matplotlib.pyplot.close("all")
 
 
 def test_paper_filter_drops_every_apology_and_suppresses_sorry(tmp_path, prompts_file):

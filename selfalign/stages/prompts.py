@@ -36,8 +36,8 @@ from ..dedup import rouge_l_filter
 from ..generation import Engine, SamplingParams, engine_for
 from ..inputs import PRINCIPLES_DIR, PromptFileError, load_prompts
 from ..records import Run, provenance
-from ..red_team import (_clean_topic, _example_pairs, _hint, _normal, _numbered, _plan_line, filter_reason,
-                        load_red_team_types, load_templates, parse_mixed, parse_numbered_list)
+from ..red_team import (clean_topic, example_pairs, filter_reason, hint_line, load_red_team_types, load_templates,
+                        normal_form, numbered_list, parse_mixed, parse_numbered_list, plan_line)
 from .common import (check_backend, check_model, check_ranges, drop_reasons, generate_into, generation_record,
                      settings_of, stage_frames)
 
@@ -181,7 +181,7 @@ def _self_instruct(config, seeds, templates, kept, complete, prompts, drops) -> 
         for j in range(config.calls_per_round):
             shown = rng.sample(seeds, config.k_seeds) + rng.sample(generated, min(config.k_generated, len(generated)))
             rng.shuffle(shown)
-            text = templates["self_instruct"].format(examples=_numbered([s["prompt"] for s in shown]),
+            text = templates["self_instruct"].format(examples=numbered_list([s["prompt"] for s in shown]),
                                                      next=len(shown) + 1)
             calls.append((f"si-{round_}-{j}", text, [s["id"] for s in shown]))
         candidates = []
@@ -214,7 +214,7 @@ def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[
                 rng = random.Random(f"{config.seed}/{t.id}/{round_}/{c}")
                 shown = rng.sample(pool, config.topics_shown) if 0 < config.topics_shown < len(pool) else pool
                 text = templates["topics"].format(name=t.name, description=t.description,
-                                                  examples=_numbered(shown), next=len(shown) + 1)
+                                                  examples=numbered_list(shown), next=len(shown) + 1)
                 # The first call keeps the key it had when there was one, so its sample is unchanged.
                 calls.append((t, f"topics-{t.id}-{round_}" + (f"-{c}" if c else ""), text))
         for (t, key, _), call in zip(calls, complete([(key, text) for _, key, text in calls], params)):
@@ -222,7 +222,7 @@ def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[
                 continue
             seen = {s.lower() for s in t.seed_topics} | {s.lower() for s in found[t.id]}
             for m, item in enumerate(parse_numbered_list(call["completion"], call["finish_reason"] == "length")):
-                topic = _clean_topic(item)
+                topic = clean_topic(item)
                 words = len(topic.split())
                 reason = (f"not a short noun phrase (more than {config.topic_max_words} words)"
                           if words > config.topic_max_words else
@@ -251,7 +251,7 @@ def _topic_questions(config, types, topics, templates, complete, drops):
                             seed=config.seed)
     calls, fields = [], {}
     for t in types:
-        pairs = _example_pairs(t)
+        pairs = example_pairs(t)
         examples = "\n\n".join(f"Topic: {topic}\nQuestion: {question}" for topic, question in pairs)
         for ti, topic in enumerate(topics[t.id]):
             text = templates["questions"].format(name=t.name, description=t.description, examples=examples,
@@ -281,18 +281,18 @@ def _mixed_questions(config, types, topics, templates, complete, drops):
     rng = random.Random(f"{config.seed}/mixed")
     pairs = [(t, topic) for t in types for topic in topics[t.id]]
     rng.shuffle(pairs)
-    examples = [(t, topic, question) for t in types for topic, question in _example_pairs(t)]
+    examples = [(t, topic, question) for t in types for topic, question in example_pairs(t)]
     calls, requests = [], []
     for r, start in enumerate(range(0, len(pairs), config.questions_per_request)):
         hints = pairs[start:start + config.questions_per_request]
         shown = rng.sample(examples, min(config.k_seed_questions, len(examples)))
         numbered = list(enumerate(hints, len(shown) + 1))  # the list goes on after the examples
         text = templates["questions_mixed"].format(
-            examples="\n".join(f"{_hint(n, t, topic)} {q}" for n, (t, topic, q) in enumerate(shown, 1)),
-            plan="\n".join(_plan_line(n, t, topic) for n, (t, topic) in numbered),
-            first=_hint(numbered[0][0], *hints[0]))
+            examples="\n".join(f"{hint_line(n, t, topic)} {q}" for n, (t, topic, q) in enumerate(shown, 1)),
+            plan="\n".join(plan_line(n, t, topic) for n, (t, topic) in numbered),
+            first=hint_line(numbered[0][0], *hints[0]))
         calls.append((f"rt-mixed-{r}", text))
-        requests.append((hints, [_hint(n, t, topic) for n, (t, topic) in numbered], [q for *_, q in shown]))
+        requests.append((hints, [hint_line(n, t, topic) for n, (t, topic) in numbered], [q for *_, q in shown]))
     candidates = []
     for (key, _), (hints, expected, seeds), call in zip(calls, requests, complete(calls, params)):
         if call is None:  # the request's drop stands for its hints
@@ -329,10 +329,10 @@ def _keep(source, candidates, kept, config, prompts, drops, extra, limit=None) -
     else:
         # Dromedary ROUGE-filtered Self-Instruct only; an unfiltered source must still not repeat a
         # seed or a kept prompt word for word.
-        seen, survivors, repeat = {_normal(text) for _, text in kept}, set(), "exact duplicate"
+        seen, survivors, repeat = {normal_form(text) for _, text in kept}, set(), "exact duplicate"
         for index, (_, text, _) in enumerate(clean):
-            if _normal(text) not in seen:
-                seen.add(_normal(text))
+            if normal_form(text) not in seen:
+                seen.add(normal_form(text))
                 survivors.add(index)
     result = []
     for index, (key, text, fields) in enumerate(clean):
