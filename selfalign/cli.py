@@ -110,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument("--runs-dir", default="runs")
     book.set_defaults(handler=_book)
 
+    export = commands.add_parser("export", help="write a run's data as Hugging Face datasets (TRL's SFT and "
+                                                "preference formats) with a dataset card")
+    export.add_argument("--run", default="demo")
+    export.add_argument("--runs-dir", default="runs")
+    export.add_argument("--out", required=True, help="the folder to write (README.md, data/*.parquet, one "
+                                                     "save_to_disk folder per dataset)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload the card and parquet files to this "
+                                                              "dataset repository (needs a reachable hub and a login)")
+    export.set_defaults(handler=_export)
+
     status = commands.add_parser("status", help="show a run's stages")
     status.add_argument("--run", default="demo")
     status.add_argument("--runs-dir", default="runs")
@@ -261,6 +272,15 @@ def _book(args) -> int:
         print(f"selfalign: error: {error}", file=sys.stderr)
         return 1
     print(f"book: {index}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_run
+
+    counts = export_run(args.run, args.runs_dir, args.out, overwrite=args.overwrite, push_to_hub=args.push_to_hub)
+    print(f"exported run {args.run!r} to {args.out}: " + ", ".join(f"{name} {n} rows" for name, n in counts.items())
+          + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 

@@ -48,6 +48,7 @@ class EmbeddedModel:
     description: str
     locate: Callable[["EmbeddedModel"], Path] | None = None  # returns the GGUF path; default: in the package dir
     requires_bos: bool = False  # the model misbehaves unless every prompt starts with its bos token
+    hub_id: str = ""  # the Hugging Face model the GGUF was made from (named in adapters' model cards)
 
 
 def _gemma_gguf(spec: EmbeddedModel) -> Path:
@@ -66,6 +67,7 @@ KNOWN_MODELS: dict[str, EmbeddedModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         licence="Apache-2.0",
         description="SmolLM2-135M-Instruct, Llama architecture, 134.5M parameters (the embedded default)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
@@ -77,6 +79,7 @@ KNOWN_MODELS: dict[str, EmbeddedModel] = {
         description="Gemma-3-270M base model; prompts must start with <bos>",
         locate=_gemma_gguf,
         requires_bos=True,
+        hub_id="google/gemma-3-270m",
     ),
 }
 TINY_RANDOM = "tiny-random"

@@ -74,6 +74,22 @@ def test_held_out_logprobs_are_the_scorers_one_pair_at_a_time(tiny):
             assert value == pytest.approx(-float(loss), abs=1e-4)
 
 
+def test_the_loss_mask_shown_as_tokens_is_the_examples(tiny):
+    import html
+    import re
+
+    from selfalign.training import loss_mask_html
+
+    examples, _ = build_examples([{"id": "a", "prompt": "Name a colour.", "answer": "Blue & green."}], tiny, CHAT, 256)
+    shown = re.findall(r'<span style="background:(#[0-9a-f]+);[^"]*" title="(\w+)">(.*?)</span>',
+                       loss_mask_html(examples[0], tiny.tokenizer), re.S)
+    assert len(shown) == len(examples[0].input_ids)
+    trained = "".join(html.unescape(text.replace("↵<br>", "\n")) for _, title, text in shown if title == "loss")
+    assert trained == tiny.tokenizer.decode(examples[0].input_ids[-examples[0].answer_tokens:])
+    assert "Blue & green." in trained and "Name a colour" not in trained
+    assert {colour for colour, title, _ in shown if title == "loss"} == {"#d9f2d9"}
+
+
 def test_examples_mask_everything_but_the_answer(tiny):
     records = [{"id": "a", "prompt": "Name a colour.", "answer": "Blue."},
                {"id": "b", "prompt": "Say nothing.", "answer": "  "},
@@ -164,6 +180,27 @@ def test_an_adapter_for_another_shape_is_refused(tmp_path):
         apply_adapter(LoadedModel(model, tokenizer, "small", None), tmp_path / "adapter")
     with pytest.raises(ModelError, match="not a PEFT adapter"):
         apply_adapter(loaded, tmp_path)
+
+
+def test_an_example_that_trains_nothing_or_sees_the_principles_is_refused_by_id(tmp_path, tiny):
+    from selfalign.principles import load_principle_set
+    from selfalign.training import Example
+    from selfalign.training.examples import ExampleError, check_example
+
+    with pytest.raises(ExampleError, match="example z1: no token carries the loss"):
+        check_example(Example("z1", [5, 6, 7], [-100, -100, -100]))
+    assert check_example(Example("z2", [5, 6, 7], [-100, 6, 7])).answer_tokens == 2
+    # A prompt that carries a principle into the training context defeats engraving: stage 3 stops.
+    principle = load_principle_set().principles[3]
+    stage = Run("r", tmp_path).stage("self_align")
+    stage.start({"assistant": "Watson"})
+    rows = write_responses(stage.path / "responses.jsonl", n=6)
+    rows[4]["prompt"] = f"Rules:\n{principle.text}\nNow: what is 4 plus 4?"
+    (stage.path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage.finish({})
+    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1, min_examples=1)
+    with pytest.raises(ExampleError, match="example r04: its context holds"):
+        engrave.run(config, loaded=tiny)
 
 
 def test_engrave_stops_on_unfinished_stage_two_unless_asked(tmp_path, tiny):

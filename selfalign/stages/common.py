@@ -200,3 +200,18 @@ def stage_frames(stage, columns: dict[str, list[str]]) -> dict:
         rows = stage.read(f"{name}.jsonl") if (stage.path / f"{name}.jsonl").exists() else []
         frames[name] = pd.DataFrame(rows) if rows else pd.DataFrame(columns=names)
     return frames
+
+
+def principle_texts(run_dir) -> tuple[str, ...]:
+    """The texts of the principles this run's stage 2 answered behind (the file its manifest names,
+    else the default set). Stages 3 and 4 refuse a training example whose context holds one: the
+    point of engraving is that the principles are not there."""
+    from ..principles import load_principle_set
+
+    manifest = run_dir.stage("self_align").manifest() if (run_dir.root / "self_align").is_dir() else None
+    path = (manifest or {}).get("params", {}).get("principles")
+    try:
+        principle_set = load_principle_set(path) if path and Path(path).is_file() else load_principle_set()
+    except ValueError:  # an unreadable file of an old run: the default set still catches a leak
+        principle_set = load_principle_set()
+    return tuple(p.text for p in principle_set.principles)

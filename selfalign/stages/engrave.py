@@ -30,7 +30,7 @@ from ..inputs import PRINCIPLES_DIR
 from ..records import Run, RunError, adapter_path, read_jsonl
 from ..training import (TrainSettings, fit_and_compare, load_for_training, load_identity, process_state, split_holdout,
                         train_settings)
-from .common import check_model, check_ranges, settings_of
+from .common import check_model, check_ranges, principle_texts, settings_of
 
 STAGE = "engrave"
 
@@ -71,6 +71,13 @@ def responses_of(run_dir: Run, path: str, allow_incomplete: bool) -> tuple[list[
     return rows, file, manifest["params"].get("assistant", "")
 
 
+def principles_hash(rows: list[dict]) -> str | None:
+    """The hash of the principle set stage 2 answered under, from its records' provenance (None for
+    a file without it; several, comma-joined, for a file that mixes sets)."""
+    hashes = sorted({(r.get("provenance") or {}).get("principles_hash") for r in rows} - {None})
+    return ", ".join(hashes) or None
+
+
 def rename(answer: str, old: str, new: str) -> str:
     """Stage 2 generated under another name (the paper: Watson); the trained model is called `new`."""
     if not old or old == new:
@@ -102,7 +109,8 @@ def run(config: EngraveConfig, loaded=None) -> dict:
     records += identity
     counts = fit_and_compare(stage, loaded, records, chat, config, holdout,
                              {"stage": STAGE, "data": str(source), "data_sha256": data_hash,
-                              "chat_format": chat.to_dict()})
+                              "chat_format": chat.to_dict(), "principles_hash": principles_hash(rows)},
+                             forbidden=principle_texts(run_dir))
     if state.is_main_process:
         stage.finish(counts)
     state.wait_for_everyone()

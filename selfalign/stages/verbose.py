@@ -29,10 +29,10 @@ from ..generation import SamplingParams, engine_for
 from ..config import GenerationSettings
 from ..inputs import PRINCIPLES_DIR
 from ..records import Run, RunError, provenance
-from ..training import (TrainSettings, adapted_for_generation, fit_and_compare, load_for_training, process_state,
-                        train_settings)
+from ..training import (TrainSettings, adapted_for_generation, adapter_info, fit_and_compare, load_for_training,
+                        process_state, train_settings)
 from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
-                     settings_of)
+                     principle_texts, settings_of)
 
 STAGE = "verbose"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
@@ -48,7 +48,7 @@ class VerboseConfig(TrainSettings, GenerationSettings):  # this order puts run, 
     repetition_penalty: float = 1.1  # over the generated tokens only
     no_repeat_ngram_size: int = 6  # over the generated tokens only, so the teacher may quote the question
     cutoff: int = 768  # the paper's student cutoff
-    epochs: int = 2  # a second pass over the same prompts, so fewer than engraving's (the paper: 1)
+    epochs: int = 2  # fewer than engraving's 3: longer answers, same CPU budget (the paper: 1)
     min_examples: int = 4
     train: bool = True  # False: only generate the teacher's answers (e.g. in one process, before
     #                     training under `accelerate launch`, which then finds them done)
@@ -116,7 +116,11 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     answers = stage.read("answers.jsonl")
     counts = fit_and_compare(stage, loaded, answers, chat, config, holdout & {a["id"] for a in answers},
                              {"stage": STAGE, "teacher_sha256": adapter_hash, "chat_format": chat.to_dict(),
-                              "instruction": instruction})
+                              "instruction": instruction,
+                              "principles_hash": adapter_info(engraved.adapter).get("principles_hash")},
+                             # The student learns to answer at length without being told to.
+                             forbidden=(*principle_texts(run_dir),
+                                        instruction.format(assistant=chat.assistant, developer=chat.developer)))
     if state.is_main_process:
         counts["answers"] = len(answers)
         counts["drops"] = len(stage.read("drops.jsonl"))  # prompts too long for the teacher's context

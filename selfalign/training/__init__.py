@@ -16,7 +16,7 @@ without training. Importing this package does not import torch; the functions do
 from .adapters import adapted_for_generation, adapter_info, apply_adapter, generation_model, model_shape, remove_adapter
 from .checkpoints import CheckpointError
 from .compare import answer_logprobs, compare_on, plot_loss
-from .examples import Example, build_examples, load_identity, split_holdout
+from .examples import Example, build_examples, load_identity, loss_mask_html, split_holdout
 from .fit import fit_and_compare
 from .lora import train_lora
 from .settings import TrainSettings, batch_schedule, load_for_training, process_state, train_settings
@@ -24,6 +24,6 @@ from .settings import TrainSettings, batch_schedule, load_for_training, process_
 __all__ = [
     "CheckpointError", "Example", "TrainSettings", "adapted_for_generation", "adapter_info", "answer_logprobs",
     "apply_adapter", "batch_schedule", "build_examples", "compare_on", "fit_and_compare", "generation_model",
-    "load_for_training", "load_identity", "model_shape", "plot_loss", "process_state", "remove_adapter",
+    "load_for_training", "load_identity", "loss_mask_html", "model_shape", "plot_loss", "process_state", "remove_adapter",
     "split_holdout", "train_lora", "train_settings",
 ]

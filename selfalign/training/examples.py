@@ -50,15 +50,20 @@ class Example:
         return sum(1 for label in self.labels if label != -100)
 
 
+class ExampleError(ValueError):
+    """A training example that must not be trained on: the stage stops and names it."""
+
+
 def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, cutoff: int,
-                   overlong: str = "drop") -> tuple[list[Example], list[dict]]:
+                   overlong: str = "drop", forbidden: tuple[str, ...] = ()) -> tuple[list[Example], list[dict]]:
     """(examples, drops) from records with id, prompt and answer.
 
     Context and target are tokenized apart and joined, so the context's tokens are exactly those the
     model sees at inference before it starts answering. A record with `"ended": False` (an answer
     cut off by the token limit) gets no end-of-answer marker: it must not teach the model to stop
     there. An example over `cutoff` is dropped, or with overlong="truncate" (Dromedary's) keeps the
-    start of its answer, again without the marker.
+    start of its answer, again without the marker. `forbidden`: texts that must not be in any
+    example's context (the principles, stage 4's instruction); one that is stops the stage.
     """
     tokenizer = loaded.tokenizer
     examples, drops = [], []
@@ -67,7 +72,11 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
         if not answer:
             drops.append({"id": record["id"], "reason": "empty answer"})
             continue
-        context = tokenizer(loaded.bos_prefix + chat.prompt(record["prompt"]))["input_ids"]
+        context_text = chat.prompt(record["prompt"])
+        if leak := next((text for text in forbidden if text.strip() and text.strip() in context_text), None):
+            raise ExampleError(f"example {record['id']}: its context holds {leak.strip()[:60]!r}; what the model "
+                               "trains on must not include the principles or instructions it is to learn without")
+        context = tokenizer(loaded.bos_prefix + context_text)["input_ids"]
         text = chat.target(answer) if record.get("ended", True) else answer
         target = tokenizer(text, add_special_tokens=False)["input_ids"]
         total = len(context) + len(target)
@@ -76,8 +85,30 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
         elif total > cutoff:
             drops.append({"id": record["id"], "reason": f"longer than the cutoff ({total} > {cutoff} tokens)"})
             continue
-        examples.append(Example(record["id"], context + target, [-100] * len(context) + target))
+        examples.append(check_example(Example(record["id"], context + target, [-100] * len(context) + target)))
     return examples, drops
+
+
+def check_example(example: Example) -> Example:
+    """Refuse an example no token of which carries loss: it would train nothing, silently."""
+    if example.answer_tokens == 0:
+        raise ExampleError(f"example {example.id}: no token carries the loss (an empty target)")
+    return example
+
+
+def loss_mask_html(example: Example, tokenizer) -> str:
+    """One example as its tokens, each in a box: grey where the model only reads (no loss), green
+    where it is trained to write. For looking at, in a notebook: the boxes show token boundaries,
+    which plain text hides."""
+    import html
+
+    spans = []
+    for token, label in zip(example.input_ids, example.labels):
+        text = html.escape(tokenizer.decode([token])).replace("\n", "↵<br>")
+        colour = "#d9f2d9" if label != -100 else "#eeeeee"
+        spans.append(f'<span style="background:{colour};border:1px solid #ccc;margin:1px;'
+                     f'white-space:pre-wrap" title="{"loss" if label != -100 else "context"}">{text}</span>')
+    return f'<div style="font-family:monospace;line-height:1.9">{"".join(spans)}</div>'
 
 
 MIN_TRUNCATED_ANSWER = 8  # tokens; a prompt that leaves less room than this is dropped, not truncated

@@ -20,7 +20,7 @@ from .settings import process_state, train_settings
 
 
 def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatFormat, config,
-                    holdout_ids: set[str], data_info: dict) -> dict:
+                    holdout_ids: set[str], data_info: dict, forbidden: tuple[str, ...] = ()) -> dict:
     """Turn records (id, prompt, answer) into examples, train on all but the held-out ones, then
     score the held-out answers under the base model and the adapted one. Writes the stage's
     data.jsonl (one line per record: its split or why it was dropped), loss.jsonl, adapter/ and
@@ -37,7 +37,7 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
                          "wrote it with --restart (its old files are kept in <stage>.previous/)")
     state = process_state()
     settings = train_settings(config)
-    examples, drops = build_examples(records, loaded, chat, settings.cutoff, settings.overlong)
+    examples, drops = build_examples(records, loaded, chat, settings.cutoff, settings.overlong, forbidden)
     train = [e for e in examples if e.id not in holdout_ids]
     held = [e for e in examples if e.id in holdout_ids]
     by_id = {r["id"]: r for r in records}
@@ -60,6 +60,9 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
                 record = by_id[d["id"]]
                 data.write({"id": d["id"], "prompt": record["prompt"], "answer": record["answer"],
                             "source": record.get("source", "self_align"), "split": "dropped", "reason": d["reason"]})
+    # The adapter's model card (written by train_lora) reports these next to the examples trained on.
+    data_info = {**data_info, "holdout_examples": len(held), "dropped_records": len(drops),
+                 "identity_examples": sum(e.id in identity for e in train)}
     summary = train_lora(loaded, train, settings, stage.path, seed=config.seed, data_info=data_info)
     counts = {"records": len(records), "dropped": len(drops), "train": len(train), "holdout": len(held),
               "identity": sum(e.id in identity for e in train),

@@ -3,7 +3,8 @@
 Training runs peft LoRA through accelerate, so one loop serves the CPU, one GPU, and several
 processes under `accelerate launch` (DDP or FSDP, by accelerate config). The batches of every
 epoch are fixed by the seed before training starts (`settings.batch_schedule`), checkpoints are
-written and resumed by `checkpoints.py`, and the result is an adapter directory (`adapters.py`).
+written and resumed by `checkpoints.py`, and the result is an adapter directory (`adapters.py`)
+with its chat template and model card (`model_card.py`).
 Building the examples and comparing the result with the base model are not done here.
 """
 
@@ -16,11 +17,13 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+from ..chat_format import ChatFormat
 from ..models import LoadedModel
 from ..records import adapter_path
 from .adapters import ADAPTER_INFO, _adapter_state, _strip_lora, model_shape
 from .checkpoints import _resume, _save_checkpoint
 from .examples import Example, _collate
+from .model_card import save_tokenizer, template_prefix, write_model_card
 from .settings import TrainSettings, _no_gpu, batch_schedule
 
 
@@ -122,12 +125,17 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
         if main:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(adapter_dir, state_dict=_adapter_state(unwrapped, state))
-            loaded.tokenizer.save_pretrained(adapter_dir)
             info = {"base_model": loaded.name, "base_path": loaded.path, "base_shape": model_shape(loaded.model),
                     "bos_prefix": loaded.bos_prefix, "settings": json.loads(json.dumps(asdict(settings))),
                     "seed": seed, "examples": len(examples), "steps": len(schedule),
                     "processes": accelerator.num_processes, **(data_info or {})}
+            # The tokenizer carries the format as a chat template and README.md (replacing PEFT's
+            # generic card) says where the adapter came from, so that other tools need no selfalign.
+            chat = ChatFormat(**info["chat_format"]) if info.get("chat_format") else None
+            save_tokenizer(loaded.tokenizer, adapter_dir, chat.chat_template(prefix=template_prefix(loaded)) if chat
+                           else None)
             (adapter_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+            write_model_card(adapter_dir, info)
         accelerator.wait_for_everyone()
         return {"steps": len(schedule), "resumed_from": done, "examples": len(examples),
                 "processes": accelerator.num_processes}
