@@ -29,7 +29,6 @@ from collections import Counter
 from pathlib import Path
 
 from . import __version__
-from .inputs import PRINCIPLES_DIR
 from .records import Run, RunError, read_jsonl
 
 NAMES = ("sft", "verbose_sft", "preferences")
@@ -175,32 +174,10 @@ def preference_rows(run: Run, skipped: Counter | None = None) -> list[dict]:
 
 # The principles: shown in the card, and kept out of every message --------------------------------
 
-def principles_of(run: Run):
-    """(path, principle set, notes): the principles file stage 2 answered behind (the one its
-    manifest names, else this project's), loaded with its exemplars and template, and what the card
-    should say about it (a fallback, a hash that is not the run's)."""
-    from .principles import PrincipleError, load_principle_set
-
-    params = _params(run, "self_align")
-    recorded, notes = params.get("principles"), []
-    path = Path(recorded) if recorded and Path(recorded).is_file() else PRINCIPLES_DIR / "principles.yaml"
-    if path != Path(recorded or ""):
-        notes.append(f"stage 2's manifest names {recorded!r}, which is not on this machine: shown instead is this "
-                     f"project's `principles/principles.yaml`, which may differ from the one the run used")
-    others = {key: params[key] for key in ("exemplars", "template") if params.get(key) and Path(params[key]).is_file()}
-    try:
-        principle_set = load_principle_set(path, **others)
-    except PrincipleError as error:  # an old run's file: the project's own set still catches a leak
-        notes.append(f"it does not load with stage 2's exemplars and template ({error})")
-        return path, load_principle_set(), notes
-    if params.get("principles_hash") and principle_set.hash != params["principles_hash"]:
-        notes.append(f"its principle set hashes to {principle_set.hash}, not the run's {params['principles_hash']}: "
-                     "a file changed after the run")
-    return path, principle_set, notes
-
-
 def forbidden_texts(run: Run) -> list[tuple[str, str]]:
     """(what, text) pairs no message may contain: every principle, every exemplar's thoughts."""
+    from .stages.common import principles_of
+
     _, principle_set, _ = principles_of(run)
     return ([(f"principle {p.number} ({p.name})", p.text) for p in principle_set.principles]
             + [(f"exemplar {e.id}'s thoughts", e.thoughts) for e in principle_set.exemplars])
@@ -269,6 +246,8 @@ def dataset_card(run: Run, counts: dict[str, int], notes: dict[str, list[str]]) 
     lines += ["", "## Stage 2's drops", ""]
     lines += (["| reason | answers |", "|---|---:|", *(f"| {reason} | {n} |" for reason, n in drops.items())]
               if drops else ["Stage 2 dropped nothing."])
+    from .stages.common import principles_of
+
     path, _, principle_notes = principles_of(run)
     lines += ["", "## The principles", "", f"Stage 2 answered behind these principles, `{path}`:"
               + "".join(f" note: {note}." for note in principle_notes), "",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..generation import BACKENDS, Completion, Engine, SamplingParams
+from ..inputs import PRINCIPLES_DIR
 from ..models import check_model  # noqa: F401  (the stages import it from here with the other checks)
 from ..records import JsonlWriter, RunError, read_jsonl
 
@@ -202,16 +203,32 @@ def stage_frames(stage, columns: dict[str, list[str]]) -> dict:
     return frames
 
 
-def principle_texts(run_dir) -> tuple[str, ...]:
-    """The texts of the principles this run's stage 2 answered behind (the file its manifest names,
-    else the default set). Stages 3 and 4 refuse a training example whose context holds one: the
-    point of engraving is that the principles are not there."""
-    from ..principles import load_principle_set
+def principles_of(run):
+    """(path, principle set, notes): the principles file stage 2 answered behind (the one its
+    manifest names, else this project's), loaded with its exemplars and template, and what the card
+    should say about it (a fallback, a hash that is not the run's)."""
+    from ..principles import PrincipleError, load_principle_set
 
-    manifest = run_dir.stage("self_align").manifest() if (run_dir.root / "self_align").is_dir() else None
-    path = (manifest or {}).get("params", {}).get("principles")
+    params = run.stages().get("self_align", {}).get("params", {})
+    recorded, notes = params.get("principles"), []
+    path = Path(recorded) if recorded and Path(recorded).is_file() else PRINCIPLES_DIR / "principles.yaml"
+    if path != Path(recorded or ""):
+        notes.append(f"stage 2's manifest names {recorded!r}, which is not on this machine: shown instead is this "
+                     f"project's `principles/principles.yaml`, which may differ from the one the run used")
+    others = {key: params[key] for key in ("exemplars", "template") if params.get(key) and Path(params[key]).is_file()}
     try:
-        principle_set = load_principle_set(path) if path and Path(path).is_file() else load_principle_set()
-    except ValueError:  # an unreadable file of an old run: the default set still catches a leak
-        principle_set = load_principle_set()
-    return tuple(p.text for p in principle_set.principles)
+        principle_set = load_principle_set(path, **others)
+    except PrincipleError as error:  # an old run's file: the project's own set still catches a leak
+        notes.append(f"it does not load with stage 2's exemplars and template ({error})")
+        return path, load_principle_set(), notes
+    if params.get("principles_hash") and principle_set.hash != params["principles_hash"]:
+        notes.append(f"its principle set hashes to {principle_set.hash}, not the run's {params['principles_hash']}: "
+                     "a file changed after the run")
+    return path, principle_set, notes
+
+
+def principle_texts(run) -> tuple[str, ...]:
+    """The texts of the principles this run's stage 2 answered behind (`principles_of`). Stages 3
+    and 4 refuse a training example whose context holds one: the point of engraving is that the
+    principles are not there."""
+    return tuple(p.text for p in principles_of(run)[1].principles)
