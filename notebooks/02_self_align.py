@@ -27,10 +27,23 @@
 # **Why.** This is where the principles act. The answers become the training data of stage 3,
 # which teaches the model to answer this way *without* the principles in its context.
 #
+# **Held to the format.** A 65B base model follows the exemplars' format by itself. A 135M one
+# follows it loosely: left free, it cites "11 (Numerical Sensitivity)" for a principle 11 that is
+# another one, or never writes the answer marker. So by default (`constrain_format`) the model
+# decodes under the format's grammar: a few sentences of thoughts, "I should follow rules" and
+# citations of *this* set's principles only, the answer marker, an answer of a few sentences.
+# Inside those bounds every word is the model's own. The `full` profile samples freely, as the
+# paper did, and every record says which way it was made (`constrained`).
+#
+# **A citation is not evidence.** The grammar only lets the model write *valid* citations; it
+# does not make the model follow them. So for every kept answer the stage also asks the model
+# how likely it finds each principle as the first citation after its own thoughts
+# (`principle_scores`). Where the written triggers and the likelihoods disagree, trust the
+# likelihoods.
+#
 # **What to look at.** Why responses were dropped, which principles fire for which red-team type
-# (the heatmap), and, at the end, what happens to the answers when one principle is removed.
-# A 135M model follows the exemplars loosely and often cites the wrong numbers (they are kept
-# as `unknown_citations`); a 65B base model cites them far more reliably.
+# (the two heatmaps: written citations, then likelihoods), and where they disagree. Chapter 6
+# removes principles one at a time and measures what changes.
 
 # %% tags=["parameters"]
 run: str = "demo"  # reads runs/<run>/prompts/, writes runs/<run>/self_align/
@@ -41,15 +54,13 @@ prompts: str = ""  # a prompt file; "": this run's stage-1 prompts
 limit: int = 16  # answer the first N prompts (0: all)
 max_new_tokens: int = 160  # per answer (the paper used 256)
 assistant: str = "Watson"  # the name the model answers under
-ablate_principle: int = 7  # the principle removed in the ablation at the end
-ablation_prompts: int = 4  # how many prompts the ablation answers twice
 seed: int = 0  # sampling seed
 settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage self-align --help` lists them)
 
 # %%
 import pandas as pd
 
-from selfalign.generation import engine_for
+from selfalign import triggers
 from selfalign.models import load_model
 from selfalign.principles import load_principle_set, render_prompt
 from selfalign.stages import self_align
@@ -80,11 +91,30 @@ pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_fram
 # %%
 frames = self_align.tables(run, runs_dir)
 responses = frames["responses"]
-overall, per_type = self_align.trigger_stats(responses, principles)
+overall, per_type = triggers.trigger_stats(responses, principles)
 overall
 
 # %%
-self_align.plot_trigger_heatmap(per_type);
+triggers.plot_trigger_heatmap(per_type);
+
+# %% [markdown]
+# ## Which principles the model finds likely
+#
+# The same grid from `principle_scores`: for each type, the model's mean probability of citing
+# each principle first, after the prompt and its own thoughts. The sixteen probabilities of a
+# response add up to one, so the colour scale runs to the largest mean, not to one.
+
+# %%
+triggers.plot_score_heatmap(triggers.score_stats(responses, principles));
+
+# %% [markdown]
+# Where the written citations and the likelihoods disagree: for each kept answer, the principle
+# the model finds most likely and whether its thoughts cite it.
+
+# %%
+disagree = triggers.disagreements(responses, principles)
+print(f"{disagree['agrees'].sum()} of {len(disagree)} answers cite the principle the model finds most likely")
+disagree
 
 # %%
 self_align.plot_answer_lengths(responses);
@@ -124,18 +154,20 @@ pd.DataFrame([parsed_row(by_hand, "stop", "What is the capital of France?"),
              index=["written by hand", f"the run's {call['id']}"])
 
 # %% [markdown]
-# ## Ablation: remove one principle
+# ## Open the box: the format as a grammar
 #
-# The same prompts with the same seeds, once with all principles and once without
-# `ablate_principle` (its rule line and its citations in the exemplars are removed). Sampling
-# makes any change to the prompt ripple through every later token, so nearly every answer
-# changes; look instead at how much of each answer survived (`answer_overlap`, ROUGE-L) and at
-# whose triggers changed.
+# With `constrain_format`, the stage hands this grammar (llguidance's dialect of Lark) to the
+# decoder. Before every token, the tokens that could not continue a text the grammar allows are
+# masked out; the model samples among the rest as usual. `accepts` asks the same question of a
+# whole text: the hand-written continuation above is refused (it cites a principle 11 by another
+# principle's name, and a principle 23 the set lacks), the same one with its citations fixed is
+# allowed.
 
 # %%
-queries = responses["prompt"].head(ablation_prompts).tolist()
-engine = engine_for(config, loaded)
-table = self_align.ablate(queries, engine, principles, principles.without(ablate_principle), config)
-print(f"{table['answer_changed'].sum()} of {len(table)} answers changed without principle {ablate_principle}; "
-      f"median ROUGE-L overlap {table['answer_overlap'].median():.2f}")
-table[["prompt", "answer_a", "answer_b", "triggers_a", "triggers_b", "answer_overlap"]]
+from selfalign.generation.grammar import accepts
+
+grammar = self_align.sampling(config, principles).grammar
+print(grammar)
+fixed = by_hand.replace(f", 11 ({other.name}) and 23", f" and {other.number} ({other.name})").split("\n\nUser:")[0]
+pd.DataFrame([{"continuation": text, "allowed": accepts(grammar, loaded.tokenizer, text)}
+              for text in (by_hand.split("\n\nUser:")[0], fixed)], index=["as written", "citations fixed"])

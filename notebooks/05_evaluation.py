@@ -141,9 +141,10 @@ if "truthfulqa" in config.benchmarks:
 # internal thoughts cite each principle.
 
 # %%
+from selfalign import triggers
 from selfalign.principles import load_principle_set
 from selfalign.stages import self_align
 
 responses = self_align.tables(run, runs_dir)["responses"]
-overall, per_type = self_align.trigger_stats(responses, load_principle_set())
+overall, per_type = triggers.trigger_stats(responses, load_principle_set())
 overall

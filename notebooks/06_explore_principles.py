@@ -17,48 +17,55 @@
 # %% [markdown]
 # # 6. Exploring the principles
 #
-# **What this chapter does.** It gives you three instruments for stage 2, interactive where a
-# kernel runs the notebook:
+# **What this chapter does.** It asks what each of the sixteen principles does to stage 2's
+# answers, first as one experiment that runs headless, then with instruments you drive yourself:
 #
-# - a **principle editor**: the sixteen principles as editable text, each with an on/off toggle.
-#   *regenerate* answers a few of the run's prompts twice with the same seeds, under the original
-#   principles and under your edit, and shows the answers side by side; in the triggers column
-#   a principle your edit made the model cite is green, one it no longer cites is struck out in
-#   red. *save* writes your edit as a new principles file that `selfalign stage self-align
-#   --principles FILE` reads (and, when you switched off a principle the exemplars cite, an
-#   exemplars file without those citations, for `--exemplars`).
-# - a **response inspector**: every stage-2 record of the run, kept or dropped, filtered by
-#   red-team type, cited principle and drop reason, with the whole prompt the model saw and the
-#   raw text it wrote.
-# - a **trigger explorer**: the heatmap of chapter 2, and for any (type, principle) cell the
-#   responses behind it.
+# - **leave-one-out**: a few of the run's prompts answered with all principles and then without
+#   each one in turn (16 + 1 variants of the prompt, the same seeds), and per principle how many
+#   responses changed, how much of each survived, how far the model's preference among the
+#   remaining citations moved, and which red-team type moved most;
+# - **static results** of the three widgets below, so that the built book shows them: one
+#   principle edit with its answers before and after, the trigger heatmap with the responses of
+#   its largest cell, and the heatmap of the citations the model finds likely;
+# - the **widgets** themselves, live where a kernel runs the notebook (JupyterLab): a *principle
+#   editor* (edit or switch off principles, *regenerate* a few answers under the original and
+#   the edited set, *save* the edit as a principles file that `selfalign stage self-align
+#   --principles FILE` reads), a *response inspector* (every stage-2 record, kept or dropped,
+#   filtered by type, cited principle and drop reason, with the whole prompt and the raw output)
+#   and a *trigger explorer* (the heatmap, and the responses behind any cell).
 #
 # **Why.** The principles are the only human-written supervision in SELF-ALIGN, so it pays to
-# see what a word changes. Both answers to a prompt are sampled with the same seed, so a
-# difference comes from the edit, not from a new draw. Still, expect nearly every answer to
-# change somewhat: an edit early in the prompt shifts every token sampled after it. The overlap
-# column (ROUGE-L) shows how much of each answer survived.
+# see what a word changes. The answers with and without a principle are sampled with the same
+# seed, so a difference comes from the principles, not from a new draw. Still, expect answers to
+# change somewhat under any edit: removing a principle shortens the prompt, and every token
+# sampled after it can shift. The overlap (ROUGE-L against the full set's answer) says how much
+# of each answer survived.
 #
-# **What to look at.** Whether rewording a principle changes the answers it should and leaves
-# the others mostly alone; whether the model still cites a principle you switched off (a model
-# this small often does: it copies numbers from the exemplars); and, in the inspector, why the
-# dropped answers were dropped. On a page of the built book the widgets are not live: run the
-# notebook in JupyterLab to use them.
+# **What to look at.** Whether leaving out a principle moves the answers it should (without 1
+# *Ethical*, the harmful requests) and leaves the others mostly alone; whether the likelihood of
+# the remaining citations moves (the model's *preference*, which a valid citation does not show:
+# stage 2 decodes under a grammar that only lets it write well-formed citations of the principles
+# it was shown); and, in the inspector, why the dropped answers were dropped.
 
 # %% tags=["parameters"]
-run: str = "demo"  # reads runs/<run>/self_align/ (stage 2's records)
+run: str = "demo"  # reads runs/<run>/self_align/ (stage 2's records); writes runs/<run>/leave_one_out/
 runs_dir: str = "runs"  # where run directories live
-model: str = "smollm2-135m-instruct"  # the model that answers when you press regenerate
-regenerate_prompts: int = 3  # prompts answered before and after an edit
-max_new_tokens: int = 160  # per answer, as in stage 2
+model: str = "smollm2-135m-instruct"  # the model that answers the leave-one-out prompts and regenerates
+loo_prompts: int = 2  # prompts every leave-one-out variant answers (17 variants)
+loo_max_new_tokens: int = 96  # per leave-one-out response; the sampling is otherwise stage 2's
+loo_principles: list = [1, 7]  # the principles left out one at a time; []: every one (the small and full profiles)
+loo_scores: bool = True  # score each answer's likelihood of citing each principle
+regenerate_prompts: int = 3  # prompts the editor answers before and after an edit
+max_new_tokens: int = 160  # per editor answer, as in stage 2
 assistant: str = "Watson"  # the name stage 2 answered under
 examples_per_cell: int = 5  # responses listed for a heatmap cell
-seed: int = 0  # sampling seed of both answers
+seed: int = 0  # sampling seed of every variant and of the editor's answers
 
 # %%
 import pandas as pd
+from IPython.display import HTML
 
-from selfalign import widgets
+from selfalign import ablation, triggers, widgets
 from selfalign.generation import Engine
 from selfalign.models import load_model
 from selfalign.principles import load_principle_set
@@ -69,13 +76,117 @@ records = widgets.load_records(run, runs_dir)
 pd.DataFrame(records, columns=["status", "type"]).fillna({"type": widgets.SELF_INSTRUCT}).value_counts().to_frame()
 
 # %% [markdown]
+# ## Leave one principle out
+#
+# `ablation.run` takes `loo_prompts` of stage 2's prompts (kept answers first, one red-team type
+# before a second of any), and answers them under stage 2's own settings and principles, its
+# format grammar included, with `loo_max_new_tokens` per answer: once with all sixteen
+# principles, then once without each principle of `loo_principles` (its rule line and its
+# citations in the exemplars are gone, and its grammar cannot cite it). Every variant recomputes
+# its own prompt prefix, so every principle left out costs a prefix and a short decode: on this
+# project's 2 CPU cores the book leaves out two (principles 1 and 7, about two minutes), and the
+# `small` and `full` profiles (or `-p loo_principles []`) all sixteen. Each variant is appended to
+# `runs/<run>/leave_one_out/answers.jsonl` when it finishes, and a rerun resumes.
+# `selfalign leave-one-out --run RUN` runs the same from the command line.
+#
+# A response here is the whole continuation: the thoughts, the rules they cite and as much of the
+# answer as `loo_max_new_tokens` leaves room for (the book's 96 tokens reach a sentence or two
+# into the answer, after the thoughts and citations, where a principle acts first). In the table, per
+# principle left out: `changed`, responses not identical to the full set's (of `n`);
+# `median_overlap`, their ROUGE-L F-measure with the full set's response; `triggers_changed`;
+# `score_shift`, the mean total-variation distance between the full set's citation likelihoods
+# (renormalised over the fifteen remaining principles) and the variant's own, 0 when the model
+# still prefers the other principles as it did; `most_moved_type`, the red-team type of least
+# overlap; `effect`, 1 - the mean overlap, by which the rows are ranked.
+
+# %%
+loaded = load_model(model)
+loo = ablation.LeaveOneOutConfig(run=run, runs_dir=runs_dir, model=model, seed=seed, loo_prompts=loo_prompts,
+                                 loo_max_new_tokens=loo_max_new_tokens, loo_principles=tuple(loo_principles),
+                                 loo_scores=loo_scores)
+answers, summary = ablation.run(loo, loaded=loaded)
+summary
+
+# %%
+ablation.plot_leave_one_out(summary);
+
+# %% [markdown]
+# **What this shows on a 135M model.** Read the chart as what a small model does with a prompt
+# of 2,500 tokens, not as what each principle means. Removing any principle changes the prompt,
+# and sampling at stage 2's temperature lets that change ripple through everything after it, so
+# most principles "move" responses that have nothing to do with them, and with two prompts one
+# changed response decides a row: the ranking of the left-hand chart is mostly noise. (In the run
+# this chapter was written against, 14 of the 16 removals changed at least one of the two
+# responses, a self-instruct prompt about a cipher moved most often, and the two removals that
+# changed nothing were 1 *Ethical* and 14 *Balanced & Informative Perspectives*.) The likelihood
+# shift on the right is the more telling column, because it does not depend on a sampled token:
+# it is near 0 where the model only handed the missing principle's share to the others in
+# proportion, and large where its preference among the *remaining* principles moved. Removing 1
+# *Ethical* left both responses word for word the same and still moved that preference
+# (a TV distance of about 0.27): the citation the model would choose changed although the text it
+# sampled did not. Neither column is evidence that the model *follows* a principle; a 65B model,
+# and more prompts (`selfalign run --profile small`, or `-p loo_prompts 16`), are what would
+# turn them into one. The `full` profile answers 64 prompts at the paper's answer length.
+
+# %% [markdown]
+# ## The widgets' results, for the page
+#
+# Papermill saves no widget state, so the widgets below are blank on a page of the built book.
+# The next cells show what they show, from the answers above (nothing is generated twice).
+#
+# ### One principle edit
+#
+# The principle whose removal moved the responses most, switched off: the full set's responses
+# (*before*) beside those without it (*after*), and the triggers after the edit, with those it
+# added in green and those it removed struck out in red. This is the principle editor's
+# comparison for that edit.
+
+# %%
+edit = int(summary["left_out"].iloc[0])
+edited = ablation.as_ablation(answers, edit)
+HTML(widgets.comparison_html(edited, principles, widgets.describe_edits(principles, principles.without(edit))))
+
+# %% [markdown]
+# ### The trigger explorer
+#
+# Each cell of the heatmap is the share of a type's kept responses whose thoughts cite the
+# principle; below it, the responses behind its largest cell.
+
+# %%
+kept = pd.DataFrame([r for r in records if r["status"] == "kept"],
+                    columns=["id", "type", "triggers", "thoughts", "answer", "principle_scores"])
+overall, per_type = triggers.trigger_stats(kept, principles)
+triggers.plot_trigger_heatmap(per_type);
+
+# %%
+cells = widgets.heatmap_cells(per_type)
+if cells:
+    label, (kind, number) = cells[0]
+    cell = HTML(f"<p>largest cell: {label}</p>"
+                + widgets.examples_html(widgets.examples_for(records, kind, number, examples_per_cell)))
+else:
+    cell = HTML("<p><i>No kept response cites a principle, so the heatmap has no cell to open.</i></p>")
+cell
+
+# %% [markdown]
+# ### Which principles the model finds likely
+#
+# For every kept response stage 2 scored the model's probability of citing each principle first,
+# after the prompt and the response's own thoughts. The heatmap is its mean by red-team type:
+# where it and the trigger heatmap disagree, the model wrote one citation and preferred another.
+
+# %%
+likely = triggers.score_stats(kept, principles)
+triggers.plot_score_heatmap(likely);
+
+# %% [markdown]
 # ## The principle editor
 #
 # Change a principle's wording or untick it, then press *regenerate*. The prompts are the first
 # few of the run, kept answers first.
 
 # %%
-engine = Engine.for_model(load_model(model), batch_size=8, progress=False)
+engine = Engine.for_model(loaded, batch_size=8, progress=False)
 config = SelfAlignConfig(max_new_tokens=max_new_tokens, assistant=assistant, seed=seed)
 prompts = widgets.editor_prompts(records, regenerate_prompts)
 widgets.PrincipleEditor(principles, prompts, engine, config)
@@ -93,8 +204,7 @@ widgets.ResponseInspector(records, principles, assistant)
 # %% [markdown]
 # ## The trigger explorer
 #
-# Each cell of the heatmap is the share of a type's kept responses whose thoughts cite the
-# principle. Pick a cell below it to read those responses.
+# Pick a cell below the heatmap to read the responses behind it.
 
 # %%
 widgets.TriggerExplorer(records, principles, examples_per_cell)

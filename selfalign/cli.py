@@ -9,6 +9,7 @@ import sys
 import time
 
 from . import config as configuration
+from .ablation import LeaveOneOutConfig
 from .generation import HF_BACKENDS, SamplingParams
 from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, converted_dir, load_model, prepare
 from .inputs import PromptFileError
@@ -84,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         sub = stage.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         configuration.add_arguments(sub, config_class)
         sub.set_defaults(handler=_stage, stage=name)
+
+    loo = commands.add_parser("leave-one-out", help="answer a few of a run's stage-2 prompts with all principles and "
+                                                    "without each one in turn; print what changed per principle")
+    configuration.add_arguments(loo, LeaveOneOutConfig)
+    loo.set_defaults(handler=_leave_one_out)
 
     run = commands.add_parser("run", help="run the book's notebooks (or, with --direct, the stages) in order, "
                                           "resuming finished ones")
@@ -212,6 +218,21 @@ def _stage(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch, one process reports
         return 0
     print(json.dumps({k: manifest[k] for k in ("stage", "status", "counts")}))
+    return 0
+
+
+def _leave_one_out(args) -> int:
+    import pandas as pd
+
+    from . import ablation
+
+    config = configuration.from_args(LeaveOneOutConfig, args)
+    answers, summary = ablation.run(config)
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(summary.to_string(index=False))
+    folder = Run(config.run, config.runs_dir).root / ablation.STAGE
+    print(f"{answers['variant'].nunique()} variants x {answers['key'].nunique()} prompts: {folder / 'answers.jsonl'}, "
+          f"{folder / 'summary.csv'}")
     return 0
 
 

@@ -67,6 +67,12 @@ PAPER: dict[str, dict[str, PaperValue]] = {
                        "off by default so the book shows the model's own openings"),
         "drop_apologies": _p(True, "step2 merge_and_fileter_self_align_with_dummy.py (answers opening \"I'm sorry\")",
                              "by default only blanket refusals are dropped: a CPU run has few answers to spare"),
+        "constrain_format": _p(False, "step2 generate_self_align_response.py (free sampling; the format is parsed after)",
+                               "a 135M model cites principles by wrong numbers and names and loses the answer marker; "
+                               "the format's grammar holds it to valid citations (records say `constrained`)"),
+        "max_answer_sentences": _p(0, "step2 generate_self_align_response.py (the answer runs to a stop or 256 tokens)",
+                                   "with the grammar, a small model's answers end whole within the CPU run's "
+                                   "160 tokens instead of being cut off and dropped"),
     },
     "engrave": {
         "rank": _p(16, "step3 scripts/finetune_dromedary_65b_non_verbose.sh (--lora_r=16)"),

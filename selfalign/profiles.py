@@ -6,7 +6,7 @@ names them, with two more sections:
     all:        {model: /data/llama-65b}          # every stage (and chapter) that has the setting
     self-align: {limit: 0, max_new_tokens: 256}   # one stage's dataclass fields
     engrave:    {total_batch_size: 768}
-    chapters:   {ablation_prompts: 64}            # the book's own parameters, not a stage's
+    chapters:   {loo_prompts: 64}                 # the book's own parameters, not a stage's
 
 `resolve` builds each stage's settings dataclass from, in order: its defaults, the profile's `all`,
 its own section, then the command line's `-p KEY VALUE` (every stage and chapter that has KEY) and

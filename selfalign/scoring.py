@@ -75,7 +75,8 @@ def score_one_by_one(model, tokenizer, requests, bos_prefix: str = "") -> list[S
 
 def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress: bool = True,
                   bos_prefix: str = "", padding_side: str = "left", share_prefix: bool = True,
-                  share_context: bool = True, max_batch_tokens: int | None = None) -> list[Score]:
+                  share_context: bool = True, max_batch_tokens: int | None = None,
+                  branches: bool = False) -> list[Score]:
     """Score each (context, continuation): log P(continuation | context), summed over its tokens.
 
     batch_size: rows per forward pass (and contexts per context pass). padding_side: "left" or
@@ -87,12 +88,16 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
     max_batch_tokens: also cap rows x padded width per pass. Benchmarks mix 50-token and
     2,000-token items, and padding costs as much as a token: on a CPU, HHH over the embedded model
     ran 3x faster with long items alone and short ones together than in batches of 16.
+    branches: score with `score_branches` instead (long contexts, many continuations each).
     """
     requests = [(str(c), str(x)) for c, x in requests]
     encoded = encode_requests(tokenizer, requests, bos_prefix)
-    logprobs = score_encoded(model, encoded, batch_size=batch_size, progress=progress, padding_side=padding_side,
-                             share_prefix=share_prefix, share_context=share_context,
-                             max_batch_tokens=max_batch_tokens)
+    if branches and not _sliding_window(model):
+        logprobs = score_branches(model, encoded, progress=progress)
+    else:
+        logprobs = score_encoded(model, encoded, batch_size=batch_size, progress=progress, padding_side=padding_side,
+                                 share_prefix=share_prefix, share_context=share_context,
+                                 max_batch_tokens=max_batch_tokens)
     return [_score(lp, cont, x) for lp, (_, cont), (_, x) in zip(logprobs, encoded, requests)]
 
 
@@ -154,6 +159,69 @@ def score_encoded(model, encoded: Sequence[tuple[list[int], list[int]]], *, batc
                     logprobs[row[1]] += value
             bar.update(sum(len(members) for members in group))
     return logprobs
+
+
+def score_branches(model, encoded: Sequence[tuple[list[int], list[int]]], *, progress: bool = True) -> list[float]:
+    """`score_encoded` for long contexts with many short continuations each (stage 2's principle
+    scores: a 2,000-token prompt, sixteen citations of a few tokens).
+
+    The token prefix all contexts share runs once; each context then runs once, as one row after
+    it; and all of a context's continuations run together in one more row after the context's
+    cache, each attending to the context and to its own earlier tokens only (a tree-shaped
+    attention mask). No key/value cache is copied per continuation, which is what batching them
+    as rows costs (`score_encoded` copies the context's cache into every row).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    groups: dict = {}
+    for index, (ctx, _) in enumerate(encoded):
+        groups.setdefault(tuple(ctx), []).append(index)
+    contexts = [list(c) for c in groups]
+    prefix = _common_prefix(contexts) if len(contexts) > 1 else []
+    logprobs = [0.0] * len(encoded)
+    device = _device(model)
+    with torch.inference_mode(), tqdm(total=len(encoded), disable=not progress, desc="scoring", unit="choice") as bar:
+        prefix_past = _forward(model, [prefix], None, "left", keep=1)[1] if prefix else None
+        for ctx, members in zip(contexts, groups.values()):
+            first, past = _last_logprobs(model, [ctx[len(prefix):]], prefix_past, "left")
+            feeds, spans = [], []
+            for i in members:
+                cont = encoded[i][1]
+                logprobs[i] = float(first[0, cont[0]]) if cont else 0.0
+                if len(cont) > 1:
+                    spans.append((i, len(feeds), cont[1:]))
+                    feeds += cont[:-1]
+            if feeds:
+                seen, width = past.mask.shape[1], len(feeds)
+                # Row j of the new block sees the whole context and the earlier tokens of its own continuation.
+                allowed = torch.zeros(width, seen + width, dtype=torch.bool, device=device)
+                allowed[:, :seen] = True
+                positions = torch.empty(width, dtype=torch.long, device=device)
+                for _, start, targets in spans:
+                    n = len(targets)
+                    allowed[start:start + n, seen + start:seen + start + n] = torch.ones(n, n, device=device).tril().bool()
+                    positions[start:start + n] = torch.arange(seen, seen + n, device=device)
+                mask = torch.zeros(1, 1, width, seen + width, dtype=model.dtype, device=device)
+                mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+                cache = _cache_of(model, past)
+                logits = model(input_ids=torch.tensor([feeds], device=device), attention_mask=mask,
+                               position_ids=positions[None], use_cache=True, **{cache_keyword(model): cache}).logits[0]
+                for i, start, targets in spans:
+                    rows = logits[start:start + len(targets)].double()
+                    picked = rows.gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+                    logprobs[i] += float((picked - rows.logsumexp(-1)).sum())
+            bar.update(len(members))
+    return logprobs
+
+
+def _cache_of(model, past: _Past):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(past.layers):
+        cache.update(k, v, layer)
+    return cache
 
 
 def _batches(items: list, width, batch_size: int, max_tokens: int | None):

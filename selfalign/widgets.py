@@ -1,17 +1,18 @@
 """Notebook widgets for exploring the principles: an editor, a response inspector, a trigger explorer.
 
 - `PrincipleEditor`: the principles as editable text with on/off toggles; "regenerate" answers a
-  few prompts under the original and the edited set (`self_align.ablate`, fixed seeds) and shows
+  few prompts under the original and the edited set (`ablation.ablate`, fixed seeds) and shows
   the answers side by side with the changed triggers marked; "save" writes the edited set as a
   principles file the loader reads again.
 - `ResponseInspector`: a stage's kept and dropped records, filtered by red-team type, cited
   principle and drop reason; one record's full rendered prompt and raw model output.
-- `TriggerExplorer`: stage 2's trigger heatmap (`self_align.plot_trigger_heatmap`) and, for a
+- `TriggerExplorer`: stage 2's trigger heatmap (`triggers.plot_trigger_heatmap`) and, for a
   chosen (type, principle) cell, the responses behind it.
 
 Every decision is a plain function below (tested without a browser or kernel); the classes only
 wire them to ipywidgets, and their callbacks write into HTML widgets' values, never into Output
-captures. This module computes no statistics and generates nothing itself: `self_align` does.
+captures. This module computes no statistics and generates nothing itself: `triggers` and
+`ablation` do.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from pathlib import Path
 import ipywidgets as w
 import yaml
 
+from .ablation import ablate
 from .principles import PrincipleError, PrincipleSet, load_principle_set, render_prompt, rules_sentence
 from .inputs import PRINCIPLES_DIR
 from .records import Run
 from .stages import self_align
 from .stages.common import drop_reasons
+from .triggers import SELF_INSTRUCT, plot_trigger_heatmap, trigger_stats
 
-SELF_INSTRUCT = "(self-instruct)"  # trigger_stats' column for prompts without a red-team type (a test checks)
 EVERY = "(any)"  # the dropdowns' value for "no filter": a Dropdown shows nothing selected when its value is None
 
 
@@ -262,7 +264,7 @@ def examples_html(examples: list[dict]) -> str:
 def heatmap_png(per_type) -> bytes:
     import matplotlib.pyplot as plt
 
-    ax = self_align.plot_trigger_heatmap(per_type)
+    ax = plot_trigger_heatmap(per_type)
     buffer = io.BytesIO()
     ax.figure.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
     plt.close(ax.figure)  # shown once, in the widget, not again by the inline backend
@@ -317,7 +319,7 @@ class PrincipleEditor(_Shown):
         self.regenerate_button.disabled = True
         self.status.value = f"answering {len(self.prompts)} prompts under both sets..."
         try:
-            table = self_align.ablate(self.prompts, self.engine, self.base, edited, self.config)
+            table = ablate(self.prompts, self.engine, self.base, edited, self.config)
         except Exception as error:  # noqa: BLE001 - shown here: a callback's traceback goes to a log nobody reads
             self.status.value = _error(f"{type(error).__name__}: {error}")
             return
@@ -381,7 +383,7 @@ class TriggerExplorer(_Shown):
         self.records, self.limit = records, limit
         kept = pd.DataFrame([r for r in records if r.get("status", "kept") == "kept"],
                             columns=["id", "type", "triggers", "answer"])
-        _, self.per_type = self_align.trigger_stats(kept, principle_set)
+        _, self.per_type = trigger_stats(kept, principle_set)
         # Not stretched to the notebook's width, which would blow a small heatmap up.
         self.heatmap = w.Image(value=heatmap_png(self.per_type), format="png", layout=w.Layout(align_self="flex-start"))
         cells = heatmap_cells(self.per_type)

@@ -151,6 +151,22 @@ def test_a_prompts_sample_depends_on_its_seed_not_its_batch(make_engine):
     assert other_seed != batched
 
 
+def test_a_grammar_holds_every_model_backend(make_engine, tiny):
+    """One grammar text drives hf, hf-static and vLLM (its "guidance" backend) alike."""
+    from selfalign.generation.grammar import accepts
+
+    if isinstance(make_engine(1).backend, FakeBackend):
+        pytest.skip("the fake backend has no vocabulary to mask")
+    grammar = '%llguidance {}\nstart: ANSWER\nANSWER: / (yes|no)[.!]/\n'
+    params = SamplingParams(temperature=1.0, max_new_tokens=30, seed=5, grammar=grammar)
+    completions = make_engine(2).generate(PROMPTS, params)
+    for c in completions:
+        assert accepts(grammar, tiny.tokenizer, c.text), c.text
+    assert any(c.finish_reason == "eos" for c in completions)  # the grammar ended, so only end of text was left
+    free = make_engine(2).generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=30, seed=5))
+    assert not all(accepts(grammar, tiny.tokenizer, c.text) for c in free)
+
+
 def test_records_have_one_shape(make_engine):
     [completion] = make_engine(1).generate(["User: hi"], SamplingParams(temperature=0, max_new_tokens=4))
     record = generation_record("id-1", "User: hi", completion, {"model": "m"})

@@ -11,7 +11,7 @@ from selfalign.cli import main
 from conftest import REPO
 
 TINY = ["--model", "tiny-random", "-p", "self-align.limit", "2", "-p", "n_self_instruct", "2", "-p", "types_limit", "2",
-        "-p", "max_new_tokens", "8", "-p", "ablation_prompts", "2",
+        "-p", "max_new_tokens", "8", "-p", "loo_prompts", "2", "-p", "loo_max_new_tokens", "4",
         "-p", "self-align.prompts", str(REPO / "principles" / "seed_prompts.jsonl"),
         "-p", "responses", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
         "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4",
@@ -34,10 +34,10 @@ def shows(page: str, text: str) -> bool:
     return bool(start.strip()) and start in visible(page)
 
 
-# Plots each chapter draws whatever the run found (chapter 5's needs TruthfulQA; chapter 6's heatmap
-# lives in a widget).
+# Plots each chapter draws whatever the run found (chapter 5's needs TruthfulQA; chapter 6's are the
+# leave-one-out chart and the two heatmaps its widgets show live).
 PLOTS = {"00_setup": 0, "01_red_team_prompts": 1, "02_self_align": 2, "03_principle_engraving": 2,
-         "04_verbose_cloning": 3, "05_evaluation": 0, "06_explore_principles": 0, "07_scale": 2}
+         "04_verbose_cloning": 3, "05_evaluation": 0, "06_explore_principles": 3, "07_scale": 2}
 
 
 def assert_pages_show_the_run(run):
@@ -68,6 +68,13 @@ def assert_pages_show_the_run(run):
     # Chapter 3: the held-out test of this run.
     engraved = json.loads((run / "engrave" / "manifest.json").read_text())["counts"]
     assert f"held-out answers: {engraved['holdout']}" in pages["03_principle_engraving"]
+    # Chapter 6: the leave-one-out table (a row per principle) and the edit's comparison, though no widget is live.
+    import csv
+
+    explored = pages["06_explore_principles"]
+    summary = list(csv.DictReader((run / "leave_one_out" / "summary.csv").open()))
+    assert len(summary) == 16 and all(f"<td>{markup.escape(row['principle'])}</td>" in explored for row in summary)
+    assert 'class="selfalign-comparison"' in explored and markup.escape(f"edited: {summary[0]['principle']}: off") in explored
     # Chapter 5: the run's models, each a column of the results.
     models = list(models_of(Run(run.name, run.parent)))
     assert models == ["base", "engraved", "verbose"]  # stages 3 and 4 ran
@@ -80,18 +87,19 @@ def assert_pages_show_the_run(run):
 @pytest.mark.slow
 def test_notebooks_run_headless_then_resume(tmp_path, capsys):
     runs = str(tmp_path / "runs")
-    # A principle that does not exist makes the ablation at the end of notebook 02 fail: the run stops
+    # A principle that does not exist makes the leave-one-out of notebook 06 fail: the run stops
     # there and says where the failed copy is.
-    assert main(["run", "--run", "b", "--runs-dir", runs, *TINY, "-p", "ablate_principle", "99"]) == 1
+    assert main(["run", "--run", "b", "--runs-dir", runs, *TINY, "-p", "loo_principles", "[99]"]) == 1
     error = capsys.readouterr().err
-    failed = tmp_path / "runs" / "b" / "notebooks" / "02_self_align.ipynb"
-    assert str(failed) in error
+    failed = tmp_path / "runs" / "b" / "notebooks" / "06_explore_principles.ipynb"
+    assert str(failed) in error and "no principle numbered [99]" in error
     assert nbformat.read(failed, as_version=4).metadata.papermill.exception
+    assert not (tmp_path / "runs" / "b" / "notebooks" / "07_scale.ipynb").exists()
 
     assert main(["run", "--run", "b", "--runs-dir", runs, *TINY]) == 0
     out = capsys.readouterr().out
-    assert "[00_setup] finished earlier, skipped" in out and "[01_red_team_prompts] finished earlier" in out
-    assert "[02_self_align] running" in out
+    assert "[00_setup] finished earlier, skipped" in out and "[05_evaluation] finished earlier" in out
+    assert "[06_explore_principles] running" in out
     executed = nbformat.read(failed, as_version=4)
     injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert "tiny-random" in injected.source and str(tmp_path / "runs") in injected.source

@@ -46,3 +46,19 @@ def test_bad_prompt_file_is_a_clear_error(tmp_path, capsys):
     assert main(["stage", "baseline", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
                  "--prompts", str(prompts)]) == 1
     assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_leave_one_out_flags_are_its_settings_fields(capsys):
+    import dataclasses
+
+    import pytest
+
+    from selfalign.ablation import LeaveOneOutConfig
+
+    with pytest.raises(SystemExit) as exit:
+        main(["leave-one-out", "--help"])
+    assert exit.value.code == 0
+    shown = capsys.readouterr().out
+    for field in dataclasses.fields(LeaveOneOutConfig):
+        assert "--" + field.name.replace("_", "-") in shown
+    assert "--no-loo-scores" in shown and "default: 48" in shown

@@ -15,7 +15,7 @@ from conftest import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 # Small, CPU-quick settings, injected after the parameters cell as papermill would.
 TINY = {"model": "tiny-random", "run": "nbtest", "n_self_instruct": 2, "types_limit": 2,
-        "max_new_tokens": 8, "limit": 4, "ablation_prompts": 2,
+        "max_new_tokens": 8, "limit": 4, "loo_prompts": 2, "loo_max_new_tokens": 4,
         # stage 2 on its own needs prompts; a random model's stage 1 keeps few or none
         "prompts": str(REPO / "principles" / "seed_prompts.jsonl"),
         # stage 3 needs answers a random model cannot write
@@ -208,18 +208,24 @@ def check_self_align(chapter):
     assert overall["responses"].sum() == sum(len(r["triggers"]) for r in kept)
     assert list(per_type.columns) == sorted(responses["type"].fillna("(self-instruct)").unique())
     assert chapter.frames("responses", "share")[0] is overall
-    (heatmap,) = [ax for f in chapter.figures for ax in f.axes
-                  if ax.images or "no responses" in labels(ax.texts)]
-    check_heatmap(heatmap, per_type)
+    check_heatmap(chapter.axes(title="Which principles fired"), per_type)
+    # The likelihood heatmap shows each type's mean principle_scores, from the kept records.
+    likely = chapter.axes(title="Which principles the model finds likely")
+    if len(responses):
+        means = pd.DataFrame([{**{k: v for k, v in r["principle_scores"].items()}, "type": r["type"] or "(self-instruct)"}
+                              for r in kept]).groupby("type").mean()
+        grid = np.asarray(likely.images[0].get_array())
+        assert grid.shape == (16, len(means))
+        assert grid[:, 0] == pytest.approx(means.iloc[0][[str(n) for n in range(1, 17)]].to_numpy(dtype=float))
+    else:
+        assert not likely.images and "no responses" in labels(likely.texts)
+    assert all(r["constrained"] is True for r in kept + dropped)
+    disagree = chapter.frames("most_likely", "agrees")[-1]
+    assert len(disagree) == len(kept) and disagree["id"].tolist() == [r["id"] for r in kept]
     (bins,) = bar_sizes(chapter.axes(xlabel="answer length (words)"), horizontal=False)  # a histogram, even of none
     assert len(bins) == 20 and sum(bins) == len(responses)
     (head,) = chapter.frames("type", "prompt", "thoughts", "answer")
     assert len(head) == min(8, len(responses))
-    # The ablation answered the first kept prompts twice.
-    table = chapter["table"]
-    assert len(table) == min(chapter["ablation_prompts"], len(responses))
-    assert table["prompt"].tolist() == responses["prompt"].head(chapter["ablation_prompts"]).tolist()
-    assert chapter.frames("answer_a", "answer_b")[-1]["prompt"].tolist() == table["prompt"].tolist()
 
 
 def check_principle_engraving(chapter):
@@ -335,6 +341,10 @@ def check_evaluation(chapter):
 
 
 def check_explore_principles(chapter):
+    import html
+
+    from IPython.display import HTML
+
     from selfalign import widgets
 
     stage = chapter.stage_dir / "self_align"
@@ -344,6 +354,28 @@ def check_explore_principles(chapter):
     assert sum(r["status"] == "kept" for r in records) == len(kept)
     (tally,) = [s for s in chapter.shown if isinstance(s, pd.DataFrame) and "count" in s.columns]
     assert tally["count"].sum() == len(records)
+    # Leave-one-out: 17 variants of the same prompts, on disk and in the table; a bar per principle.
+    answers, summary = chapter["answers"], chapter["summary"]
+    n = min(chapter["loo_prompts"], len({r["prompt"] for r in records}))
+    assert len(answers) == 17 * n == len(jsonl(chapter.stage_dir / "leave_one_out" / "answers.jsonl")) > 0
+    (shown,) = chapter.frames("left_out", "changed", "median_overlap", "score_shift", "most_moved_type")
+    assert shown is summary and len(summary) == 16 and (summary["n"] == n).all()
+    assert summary["effect"].is_monotonic_decreasing
+    ax = chapter.axes(xlabel="1 - mean ROUGE-L overlap")
+    assert bar_sizes(ax) == [pytest.approx(summary["effect"][::-1].tolist())]
+    assert labels(ax.get_yticklabels()) == summary["principle"][::-1].tolist()
+    # The static results: the edit's comparison, the explorer's largest cell, the two heatmaps.
+    pages = [s.data for s in chapter.shown if isinstance(s, HTML)]
+    (comparison,) = [p for p in pages if 'class="selfalign-comparison"' in p]
+    edit = chapter["principles"].principle(chapter["edit"])
+    assert html.escape(f"edited: {edit.number} {edit.name}: off") in comparison and comparison.count("<tr>") == n + 1
+    (cell,) = [p for p in pages if p is not comparison]
+    cells = widgets.heatmap_cells(chapter["per_type"])
+    assert ('class="selfalign-examples"' in cell and cells[0][0] in cell) if cells else "No kept response" in cell
+    heatmaps = [a for f in chapter.figures for a in f.axes if a.images or "no responses" in labels(a.texts)]
+    assert len(heatmaps) == 2  # the triggers', then the likelihoods' (the widget's own is not a figure of the page)
+    check_heatmap(heatmaps[0], chapter["per_type"])
+    check_heatmap(heatmaps[1], chapter["likely"])
     (editor,) = chapter.shown_of(widgets.PrincipleEditor)
     assert editor.prompts == chapter["prompts"] == widgets.editor_prompts(records, chapter["regenerate_prompts"])
     assert len(editor.prompts) == min(chapter["regenerate_prompts"], len({r["prompt"] for r in records})) > 0
@@ -405,6 +437,10 @@ def open_box_self_align(chapter):
     assert by_hand["answer"] == "Paris is the capital of France." and by_hand["drop reason"] == "(kept)"
     first_call = jsonl(chapter.stage_dir / "self_align" / "calls.jsonl")[0]
     assert table.index[1] == f"the run's {first_call['id']}" and the_run["drop reason"]
+    # The grammar refuses the hand-written continuation and allows it with its citations fixed.
+    allowed = chapter.frames("continuation", "allowed")[-1]
+    assert allowed["allowed"].tolist() == [False, True]
+    assert f'"{other.number} ({other.name})"' in chapter["grammar"]
 
 
 def open_box_principle_engraving(chapter):
@@ -462,3 +498,29 @@ def test_notebook_runs_headless_on_a_tiny_model(source, book_dir, monkeypatch):
     assert source.stem in CHECKS, f"{source.name} has no check of what it shows"
     chapter = execute(source, {}, monkeypatch)
     CHECKS[source.stem](chapter)
+
+
+def test_chapter_six_declares_the_leave_one_out_settings_with_their_defaults():
+    """Chapter 6's loo_* parameters are LeaveOneOutConfig's fields (the CLI's flags and the profiles'
+    `chapters:` keys), each with the dataclass's default and each handed to the config; every
+    profile's values for them build a config."""
+    import dataclasses
+
+    import papermill
+
+    from selfalign.ablation import LeaveOneOutConfig
+    from selfalign.profiles import build, load_profile
+
+    source = REPO / "notebooks" / "06_explore_principles.py"
+    declared = {k: ast.literal_eval(v["default"])
+                for k, v in papermill.inspect_notebook(str(source.with_suffix(".ipynb"))).items()}
+    fields = {f.name: f.default for f in dataclasses.fields(LeaveOneOutConfig) if f.name.startswith("loo_")}
+    assert {k: v for k, v in declared.items() if k.startswith("loo_")} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    (call,) = [n for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Call)
+               and getattr(n.func, "attr", "") == "LeaveOneOutConfig"]
+    passed = {k.arg for k in call.keywords}
+    assert set(fields) | {"run", "runs_dir", "model", "seed"} <= passed
+    for name in ("tiny", "small", "full"):
+        chosen = {k: v for k, v in load_profile(name).get("chapters", {}).items() if k in fields}
+        build(LeaveOneOutConfig, chosen, where=f"profile {name!r}")

@@ -22,7 +22,8 @@ PAPER = {
                 "questions_per_request": 5, "rouge_sources": ["self_instruct"], "rouge_threshold": 0.7,
                 "n_self_instruct": 267597, "list_max_new_tokens": 1024},
     "self-align": {"temperature": 0.5, "top_p": 0.95, "max_new_tokens": 256, "assistant": "Watson",
-                   "suppress": ["Sorry"], "drop_apologies": True, "limit": 0},
+                   "suppress": ["Sorry"], "drop_apologies": True, "limit": 0, "constrain_format": False,
+                   "max_answer_sentences": 0},
     "engrave": {"rank": 16, "lora_alpha": 16.0, "lora_dropout": 0.05,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "learning_rate": 4e-4,
                 "warmup_steps": 100, "epochs": 1, "cutoff": 512, "effective_batch_size": 768, "overlong": "truncate"},
@@ -181,4 +182,4 @@ def test_chapters_get_the_full_profiles_settings(tmp_path):
                    **values["settings"], "run": values["run"], "runs_dir": values["runs_dir"]}
         expected = json.loads(json.dumps(dataclasses.asdict(config)))
         assert json.loads(json.dumps(rebuilt)) == expected, notebook.name
-    assert plan[next(n for n in plan if n.stem.startswith("02"))]["ablation_prompts"] == 64  # a chapter parameter
+    assert plan[next(n for n in plan if n.stem.startswith("06"))]["loo_prompts"] == 64  # a chapter parameter

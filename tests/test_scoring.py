@@ -47,6 +47,13 @@ def test_a_token_budget_per_pass_changes_nothing(tiny, reference, max_batch_toke
     assert max(abs(g.logprob - r.logprob) for g, r in zip(got, reference)) < 1e-5
 
 
+def test_branches_score_as_one_pair_at_a_time(tiny, reference):
+    """All of a context's continuations in one row under a tree-shaped mask: the same numbers."""
+    got = scoring.score_choices(tiny.model, tiny.tokenizer, REQUESTS, branches=True, progress=False)
+    assert [g.tokens for g in got] == [r.tokens for r in reference]
+    assert max(abs(g.logprob - r.logprob) for g, r in zip(got, reference)) < 1e-5
+
+
 def test_batches_respect_the_count_and_the_token_budget():
     widths = [9, 7, 5, 5, 3, 2, 2, 1]  # sorted widest first, as the scorer sorts them
     assert list(scoring._batches(widths, lambda w: w, 3, None)) == [[9, 7, 5], [5, 3, 2], [2, 1]]

@@ -1,3 +1,4 @@
+import functools
 import json
 
 import matplotlib
@@ -8,7 +9,9 @@ import pytest
 from selfalign.generation import Completion, Engine
 from selfalign.principles import load_principle_set
 from selfalign.stages import self_align
-from selfalign.stages.self_align import SelfAlignConfig, ablate, plot_trigger_heatmap, run, trigger_stats
+from selfalign.scoring import Score
+from selfalign.stages.self_align import SelfAlignConfig
+from selfalign.triggers import plot_trigger_heatmap, trigger_stats
 
 # What the scripted model "writes" for each query, and the finish reason.
 SCRIPT = {
@@ -46,6 +49,15 @@ class ScriptedBackend:
         return outputs
 
 
+def scripted_scorer(requests):
+    """Likes short citations: enough to tell scored records from unscored ones without a model."""
+    return [Score(-float(len(continuation)), 1, len(continuation), len(continuation)) for _, continuation in requests]
+
+
+# The scripted answers have no model behind them; their principle_scores come from scripted_scorer.
+run = functools.partial(self_align.run, scorer=scripted_scorer)
+
+
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
@@ -62,6 +74,11 @@ def test_stage_keeps_good_answers_and_drops_the_rest_with_reasons(tmp_path, prom
     responses = {r["id"]: r for r in map(json.loads, (out / "responses.jsonl").read_text().splitlines())}
     drops = {r["id"]: r["reason"] for r in map(json.loads, (out / "drops.jsonl").read_text().splitlines())}
     assert responses["good"]["answer"] == "It is 42." and responses["good"]["triggers"] == [2, 7]
+    # Scored after generation: the scripted scorer favours the shortest citations, " 7 (Candor)" and " 9 (Static)".
+    scores = responses["good"]["principle_scores"]
+    assert {n for n in scores if scores[n] == max(scores.values())} == {"7", "9"}
+    assert sum(scores.values()) == pytest.approx(1.0) and scores["7"] > scores["14"]
+    assert all(r["principle_scores"] and r["constrained"] for r in responses.values())
     assert responses["loop"]["answer"] == "Step one is done." and responses["loop"]["cut_at_repeat"]
     assert responses["unknown"]["unknown_citations"] == ["23"]
     assert drops == {"nomarker": "no answer marker", "cutoff": "truncated at max_new_tokens",
@@ -93,6 +110,8 @@ def test_unknown_citations_can_be_dropped(tmp_path, prompts_file):
 
 
 def test_ablation_shows_changed_answers():
+    from selfalign.ablation import ablate
+
     principles = load_principle_set()
     table = ablate(list(SCRIPT)[:3], Engine(ScriptedBackend(), progress=False), principles,
                    principles.with_text(7, "Be candid about uncertainty."))

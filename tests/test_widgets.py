@@ -9,7 +9,9 @@ import yaml
 from selfalign import widgets
 from selfalign.generation import Engine
 from selfalign.principles import PrincipleError, load_principle_set
-from selfalign.stages.self_align import SelfAlignConfig, ablate, run, trigger_stats
+from selfalign.ablation import ablate
+from selfalign.stages.self_align import SelfAlignConfig, run
+from selfalign.triggers import trigger_stats
 from test_self_align import SCRIPT, ScriptedBackend
 
 matplotlib.use("Agg")

@@ -32,7 +32,9 @@ class SamplingParams:
     `repetition_penalty` (transformers' semantics) and `no_repeat_ngram_size` look at the generated
     tokens only, as Dromedary's released generation does: a teacher rewriting a question may quote
     it. `logit_bias` pairs a text with a bias added to the logit of its first token, as written and
-    after a space, at every step (Dromedary's stage 2: `(("Sorry", -100.0),)`).
+    after a space, at every step (Dromedary's stage 2: `(("Sorry", -100.0),)`). `grammar`, a
+    grammar in llguidance's Lark dialect, holds every completion to it (generation/grammar.py;
+    vLLM's "guidance" structured-output backend reads the same text).
     """
 
     temperature: float = 0.7
@@ -43,6 +45,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     logit_bias: tuple[tuple[str, float], ...] = ()
+    grammar: str | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -66,8 +69,14 @@ class SamplingParams:
             if not isinstance(text, str) or not text or not math.isfinite(bias):
                 raise ValueError(f"logit_bias needs (non-empty text, finite bias) pairs, got {(text, bias)!r}")
 
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("grammar must be a non-empty grammar text or None")
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "stop": list(self.stop), "logit_bias": [list(p) for p in self.logit_bias]}
+        """The settings as JSON; a grammar (a kilobyte, in every record's provenance) by its digest."""
+        grammar = None if self.grammar is None else "sha256:" + hashlib.sha256(self.grammar.encode()).hexdigest()[:16]
+        return {**asdict(self), "stop": list(self.stop), "logit_bias": [list(p) for p in self.logit_bias],
+                "grammar": grammar}
 
 
 @dataclass

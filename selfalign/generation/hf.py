@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .cache import cache_keyword, copy_prefix
 from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases
+from .grammar import GrammarConstraint, grammar_tokenizer
 from .processors import GeneratedNoRepeatNGram, GeneratedRepetitionPenalty, LogitBias
 from .sampler import NucleusSampler
 from .static import StaticDecoder
@@ -47,6 +48,7 @@ class HFBackend:
         self._prefix_cache: dict[str, object] = {}  # shared prefix -> its key/value cache
         self._prefix_tokens: tuple[str, list[int]] = ("", [])  # the last shared prefix and its ids
         self._decoders: dict[tuple[int, int], StaticDecoder] = {}
+        self._grammar_tokenizer = None  # llguidance's view of the vocabulary, built on first use
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
@@ -126,7 +128,7 @@ class HFBackend:
         return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
 
     def _processors(self, params: SamplingParams, seeds, attention_mask):
-        """The logits processors of both decoders, in one order: penalties, logit bias, sampler.
+        """The logits processors of both decoders, in one order: penalties, logit bias, grammar, sampler.
 
         The batch is left-padded to the width of `attention_mask` (with a shared prefix, prefix
         plus padded suffix), so the tokens after that width are the generated ones.
@@ -141,6 +143,10 @@ class HFBackend:
             processors.append(GeneratedNoRepeatNGram(params.no_repeat_ngram_size, width))
         if params.logit_bias:
             processors.append(LogitBias(first_token_biases(self.tokenizer, params.logit_bias), device))
+        if params.grammar is not None:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self._eos_ids())
+            processors.append(GrammarConstraint(self._grammar_tokenizer, params.grammar, len(seeds), width))
         if params.temperature > 0:
             processors.append(NucleusSampler(params.temperature, params.top_p, seeds, device))
         return processors

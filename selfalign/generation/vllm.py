@@ -17,6 +17,8 @@ What differs from the Hugging Face backend, by design of vLLM:
 - `no_repeat_ngram_size` has no vLLM counterpart and is refused;
 - `repetition_penalty` other than 1 is refused: ours counts generated tokens only, vLLM's the prompt too;
 - `logit_bias` texts become vLLM's token-id `logit_bias`, mapped as the Hugging Face backend maps them;
+- a `grammar` (llguidance's Lark dialect) goes to vLLM's structured outputs with its "guidance"
+  backend, the same library the Hugging Face backends use (generation/grammar.py);
 - the engine's batch is what vLLM schedules within: give it hundreds of prompts (`batch_size`).
 """
 
@@ -64,6 +66,8 @@ class VLLMBackend:
             options["max_model_len"] = max_model_len
         if adapter is not None:
             options.update(enable_lora=True, max_lora_rank=lora_rank)
+        # Our grammars are llguidance's Lark dialect; vLLM's default (xgrammar) reads another.
+        options["structured_outputs_config"] = {"backend": "guidance"}
         self.llm = vllm.LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
         self.bos_prefix = bos_prefix
@@ -93,9 +97,14 @@ class VLLMBackend:
             inputs.append({"prompt_token_ids": ids[-max_prompt_tokens:] if max_prompt_tokens else ids})
         greedy = params.temperature == 0
         logit_bias = first_token_biases(self.tokenizer, params.logit_bias) or None
+        structured = {}
+        if params.grammar is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            structured["structured_outputs"] = StructuredOutputsParams(grammar=params.grammar)
         sampling = [self._vllm.SamplingParams(
             temperature=params.temperature, top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens,
-            stop=list(params.stop) or None, seed=seed, logit_bias=logit_bias, skip_special_tokens=True)
+            stop=list(params.stop) or None, seed=seed, logit_bias=logit_bias, skip_special_tokens=True, **structured)
             for seed in seeds]
         outputs = self.llm.generate(inputs, sampling_params=sampling, use_tqdm=False, lora_request=self.lora)
         return [completion_of(out, len(i["prompt_token_ids"]), params) for out, i in zip(outputs, inputs)]

@@ -6,6 +6,14 @@ assistant thinks aloud and names the rules it follows) and the model continues a
 (`selfalign.principles.parse_response`); the principles the thoughts cite are the triggers.
 The prefix is identical for every query, so its key/value cache is computed once.
 
+With `constrain_format` (the book's default; the paper generated freely, the `full` profile's
+value), decoding follows the format's grammar (`selfalign.triggers.format_grammar`): a few sentences
+of thoughts, "I should follow rules" with citations of the set's own principles only, the answer
+marker, a free answer; every record says whether it was on (`constrained`). With
+`score_principles`, each kept response also gets `principle_scores`: the model's probability of
+citing each principle after its own thoughts (`selfalign.triggers.principle_scores`), computed
+after generation in one scoring pass, when the calls are settled into responses and drops.
+
 A response is dropped, with its reason, when it has no answer marker or no thoughts, runs into
 max_new_tokens before the answer ended, is empty or too short, copies phrases peculiar to an exemplar or the closing exchange, opens with a blanket
 refusal, opens with any apology (`drop_apologies`, as Dromedary's filter does), or (if asked) cites
@@ -25,10 +33,13 @@ from dataclasses import dataclass
 
 from ..dedup import rouge_l_fmeasure
 from ..generation import Engine, SamplingParams, engine_for
+from ..generation.grammar import check_grammar
 from ..config import GenerationSettings
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from ..inputs import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
+from ..scoring import ModelScorer
+from ..triggers import format_grammar, principle_scores
 from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
                      generation_record, settings_of, stage_frames, stage_one_prompts)
 
@@ -50,10 +61,15 @@ class SelfAlignConfig(GenerationSettings):
     min_answer_words: int = 3
     drop_apologies: bool = False  # drop answers that open with an apology (template's apology_openings; the paper: on)
     drop_unknown_citations: bool = False
+    constrain_format: bool = True  # decode under the format's grammar (valid citations, the answer marker); the paper: off
+    max_thought_sentences: int = 2  # with constrain_format: thoughts are 1 to this many sentences, then the rules sentence
+    max_answer_sentences: int = 3  # with constrain_format: the answer ends after at most this many sentences (0: free)
+    score_principles: bool = True  # store each kept response's principle_scores (likelihood of citing each principle)
 
     def __post_init__(self):
-        check_ranges(self, non_negative=("limit", "temperature", "min_answer_words"),
-                     positive=("max_new_tokens", "batch_size", "tensor_parallel_size"), probabilities=("top_p",))
+        check_ranges(self, non_negative=("limit", "temperature", "min_answer_words", "max_answer_sentences"),
+                     positive=("max_new_tokens", "batch_size", "tensor_parallel_size", "max_thought_sentences"),
+                     probabilities=("top_p",))
         check_backend(self.backend)
 
 
@@ -91,21 +107,28 @@ def drop_reason(parsed, finish_reason: str, query: str, principle_set: Principle
     return None
 
 
-def sampling(config) -> SamplingParams:
+def sampling(config, principle_set: PrincipleSet) -> SamplingParams:
+    """How stage 2 samples under `principle_set`: with `constrain_format`, under its format grammar."""
+    grammar = (format_grammar(principle_set, config.assistant, config.max_thought_sentences, config.max_answer_sentences)
+               if config.constrain_format else None)
     # Dromedary pushed "Sorry" down by 100 logits, so that answers do not open with an apology.
     return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          stop=("\nUser:",), seed=config.seed, logit_bias=tuple((text, -100.0) for text in config.suppress))
+                          stop=("\nUser:",), seed=config.seed, logit_bias=tuple((text, -100.0) for text in config.suppress),
+                          grammar=grammar)
 
 
-def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> dict:
-    """Answer the prompts under the principles; resume where an earlier run stopped."""
+def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scorer=None) -> dict:
+    """Answer the prompts under the principles; resume where an earlier run stopped. `scorer` (a
+    `selfalign.scoring` scorer) computes principle_scores; by default the engine's model does."""
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     # Everything that can fail without generating fails here, before the manifest records settings.
     principle_set = load_principle_set(config.principles, config.exemplars, config.template)
     settings = {**settings_of(config), "principles_hash": principle_set.hash}  # an edited principle is a new setting
     prompts = load_prompts(config.prompts or stage_one_prompts(run_dir))[: config.limit or None]
-    params = sampling(config)
+    params = sampling(config, principle_set)
+    if params.grammar is not None:
+        check_grammar(params.grammar)  # a template whose format cannot be a grammar fails here, not at a batch
     if engine is None and loaded is None:
         check_model(config.model, config.backend)
     source = {row["id"]: row for row in prompts}
@@ -122,22 +145,7 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
             stage.writer("responses.jsonl", "response/1") as responses, \
             stage.writer("drops.jsonl", "drop/1") as drops:
 
-        def settle(key: str, completion: str, finish_reason: str, tokens: int) -> None:
-            row = source[key]
-            parsed = parse_response(principle_set, completion, config.assistant)
-            reason = drop_reason(parsed, finish_reason, row["prompt"], principle_set, config)
-            fields = {"id": key, "prompt": row["prompt"], "type": row.get("type"), "topic": row.get("topic"),
-                      "source": row.get("source"), "thoughts": parsed.thoughts, "answer": parsed.answer,
-                      "triggers": parsed.triggers, "unknown_citations": parsed.unknown_citations,
-                      "cut_at_repeat": parsed.cut_at_repeat, "finish_reason": finish_reason,
-                      "completion_tokens": tokens, "provenance": origin}
-            if reason:
-                drops.write({**fields, "reason": reason, "raw": completion})
-            else:
-                responses.write(fields)
-
         def record(key, text, completion):
-            settle(key, completion.text, completion.finish_reason, completion.completion_tokens)
             return generation_record(key, source[key]["prompt"], completion, origin)
 
         def drop_fields(key):
@@ -147,10 +155,15 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
 
         generate_into(calls, items, engine, params, record, render_prefix(principle_set, config.assistant),
                       drops=drops, drop_fields=drop_fields, prompts=stored)
-        # A kill between a call's record and its parsed record leaves it unsettled: settle it now.
-        for call in stage.read("calls.jsonl"):
-            if call["id"] not in responses and call["id"] not in drops and call["id"] in source:
-                settle(call["id"], call["completion"], call["finish_reason"], call["completion_tokens"])
+        # Calls are settled (parsed, kept or dropped, scored) after generation, in one scoring pass;
+        # calls.jsonl is durable, so a kill before this point loses no generated text.
+        pending = [call for call in stage.read("calls.jsonl")
+                   if call["id"] in source and call["id"] not in responses and call["id"] not in drops]
+        if config.score_principles and scorer is None and pending:
+            # One long context, sixteen short citations: scored as branches of one row (scoring.score_branches).
+            scorer = ModelScorer(_loaded_for_scoring(config, engine, loaded), progress=engine.progress,
+                                 options={"branches": True})
+        settle(pending, source, principle_set, config, scorer, origin, responses, drops)
         kept, dropped = len(responses), len(drops)
         reasons = drop_reasons(stage.read("drops.jsonl"))
 
@@ -158,53 +171,51 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None) -> d
     return stage.manifest()
 
 
+def settle(calls, source, principle_set, config, scorer, origin, responses, drops) -> None:
+    """Parse each call's completion, drop it with its reason or keep it with its principle_scores."""
+    fields, kept = [], []
+    for call in calls:
+        row = source[call["id"]]
+        parsed = parse_response(principle_set, call["completion"], config.assistant)
+        reason = drop_reason(parsed, call["finish_reason"], row["prompt"], principle_set, config)
+        record = {"id": call["id"], "prompt": row["prompt"], "type": row.get("type"), "topic": row.get("topic"),
+                  "source": row.get("source"), "thoughts": parsed.thoughts, "answer": parsed.answer,
+                  "triggers": parsed.triggers, "unknown_citations": parsed.unknown_citations,
+                  "principle_scores": None, "constrained": config.constrain_format,
+                  "cut_at_repeat": parsed.cut_at_repeat, "finish_reason": call["finish_reason"],
+                  "completion_tokens": call["completion_tokens"], "provenance": origin}
+        fields.append((record, reason, call["completion"]))
+        if reason is None:
+            kept.append(record)
+    if config.score_principles and kept:
+        scores = principle_scores(scorer, principle_set, [(r["prompt"], r["thoughts"]) for r in kept], config.assistant)
+        for record, score in zip(kept, scores):
+            record["principle_scores"] = score
+    for record, reason, raw in fields:
+        if reason:
+            drops.write({**record, "reason": reason, "raw": raw})
+        else:
+            responses.write(record)
+
+
+def _loaded_for_scoring(config, engine, loaded):
+    """The Hugging Face model that scores: the engine's own, or (vLLM) the same weights loaded once more."""
+    backend_loaded = getattr(engine.backend, "loaded", None)
+    if backend_loaded is not None:
+        return backend_loaded
+    if loaded is not None:
+        return loaded
+    from ..models import load_model
+
+    return load_model(config.model)
+
+
 def tables(run: str, runs_dir: str = "runs") -> dict:
     """The stage's responses and drops as pandas DataFrames."""
-    columns = ["id", "prompt", "type", "topic", "source", "thoughts", "answer", "triggers", "unknown_citations"]
+    columns = ["id", "prompt", "type", "topic", "source", "thoughts", "answer", "triggers", "unknown_citations",
+               "principle_scores", "constrained"]
     return stage_frames(Run(run, runs_dir).stage(STAGE),
                         {"responses": columns, "drops": columns + ["reason", "raw"]})
-
-
-def trigger_stats(responses, principle_set: PrincipleSet):
-    """(overall, per_type): how often each principle fired, overall and by red-team type.
-
-    overall: one row per principle with the count and the share of responses citing it.
-    per_type: principles x types, the share of that type's responses citing each principle.
-    """
-    import pandas as pd
-
-    labels = {p.number: f"{p.number} {p.name}" for p in principle_set.principles}
-    rows = []
-    for _, response in responses.iterrows():
-        kind = response.get("type") or "(self-instruct)"
-        for number in response["triggers"]:
-            rows.append({"principle": labels.get(number, str(number)), "type": kind, "id": response["id"]})
-    fired = pd.DataFrame(rows, columns=["principle", "type", "id"])
-    counts = fired["principle"].value_counts().reindex(list(labels.values()), fill_value=0)
-    overall = pd.DataFrame({"responses": counts, "share": counts / max(len(responses), 1)})
-    sizes = responses["type"].fillna("(self-instruct)").value_counts().sort_index() if len(responses) else pd.Series()
-    # Every type with responses gets a column, even where nothing fired: a zero is a finding.
-    per_type = (pd.crosstab(fired["principle"], fired["type"])
-                .reindex(index=list(labels.values()), columns=sizes.index, fill_value=0))
-    per_type = per_type.div(sizes, axis=1).fillna(0.0)
-    return overall, per_type
-
-
-def plot_trigger_heatmap(per_type, ax=None):
-    """Heatmap of the per-type trigger shares from `trigger_stats`."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.45 * max(per_type.shape[1], 4) + 3, 0.35 * per_type.shape[0] + 2))
-    if per_type.shape[1] == 0:
-        ax.text(0.5, 0.5, "no responses", ha="center", va="center", transform=ax.transAxes)
-        return ax
-    image = ax.imshow(per_type.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(per_type.shape[1]), per_type.columns, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(per_type.shape[0]), per_type.index, fontsize=8)
-    ax.figure.colorbar(image, ax=ax, label="share of responses citing the principle")
-    ax.set_title("Which principles fired, by red-team type")
-    return ax
 
 
 def plot_answer_lengths(responses, ax=None):
@@ -218,34 +229,3 @@ def plot_answer_lengths(responses, ax=None):
     ax.set_ylabel("responses")
     return ax
 
-
-def ablate(prompts: list[str], engine: Engine, first: PrincipleSet, second: PrincipleSet, config=None):
-    """Answer the same prompts with the same seeds under two principle sets; one row per prompt.
-
-    Columns: prompt, answer_a, answer_b, triggers_a, triggers_b, answer_changed, triggers_changed,
-    answer_overlap (ROUGE-L F-measure of the two answers).
-    Each prompt is seeded by its index, so differences come from the principles, not the sampling.
-    """
-    import pandas as pd
-
-    config = config or SelfAlignConfig()
-    params = sampling(config)
-    keys = [f"ablate-{i}" for i in range(len(prompts))]
-    results = {}
-    for label, principle_set in (("a", first), ("b", second)):
-        texts = [render_prompt(principle_set, p, config.assistant) for p in prompts]
-        completions = engine.generate(texts, params, shared_prefix=render_prefix(principle_set, config.assistant),
-                                      keys=keys)
-        results[label] = [parse_response(principle_set, c.text, config.assistant) for c in completions]
-    table = pd.DataFrame({
-        "prompt": prompts,
-        "answer_a": [p.answer for p in results["a"]], "answer_b": [p.answer for p in results["b"]],
-        "triggers_a": [p.triggers for p in results["a"]], "triggers_b": [p.triggers for p in results["b"]],
-    })
-    table["answer_changed"] = table["answer_a"] != table["answer_b"]
-    table["triggers_changed"] = table["triggers_a"] != table["triggers_b"]
-    # Any edit to the prompt changes every sampled token after it, so "changed" is nearly always
-    # true; the ROUGE-L overlap says how much of the answer survived.
-    table["answer_overlap"] = [1.0 if a == b else round(rouge_l_fmeasure(a, b), 3)  # two empty answers agree
-                               for a, b in zip(table["answer_a"], table["answer_b"])]
-    return table

@@ -26,6 +26,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit at every step
+    structured_outputs: object | None = None  # sampling_params.StructuredOutputsParams
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -74,11 +75,24 @@ class LLM:
         self.model = AutoModelForCausalLM.from_pretrained(model).eval()
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.enable_lora = enable_lora
+        self.structured_outputs_config = dict(kwargs.pop("structured_outputs_config", None) or {})
         self.max_lora_rank = max_lora_rank
         self.seed = seed
         self.llm_engine = _Engine(_ModelConfig(max_model_len or self.model.config.max_position_embeddings))
         self._adapters: dict[str, object] = {}
         self._counter = 0
+
+    def _matcher(self, structured, eos):
+        if structured is None:
+            return None
+        if self.structured_outputs_config.get("backend") != "guidance":
+            raise ValueError("this stand-in applies grammars as vLLM's 'guidance' backend only")
+        import llguidance
+        import llguidance.hf
+
+        if getattr(self, "_ll_tokenizer", None) is None:
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=sorted(eos))
+        return llguidance.LLMatcher(self._ll_tokenizer, llguidance.grammar_from("lark", structured.grammar))
 
     def get_tokenizer(self):
         return self._tokenizer
@@ -122,6 +136,7 @@ class LLM:
         eos = set(eos if isinstance(eos, list) else [eos])
         ids, new = list(prompt_ids), []
         text, finish, reason = "", "length", None
+        matcher = self._matcher(params.structured_outputs, eos)
         while len(new) < params.max_tokens:
             with torch.inference_mode():  # also around the in-place edits: the logits are an inference tensor
                 logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
@@ -132,6 +147,14 @@ class LLM:
                                                picked / params.repetition_penalty)
                 for token, bias in (params.logit_bias or {}).items():
                     logits[token] += bias
+                if matcher is not None:  # as vLLM's "guidance" backend: llguidance's mask
+                    import llguidance.torch
+
+                    mask = llguidance.torch.allocate_token_bitmask(1, self._ll_tokenizer.vocab_size)
+                    llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
+                    logits = logits[None].clone()
+                    llguidance.torch.apply_token_bitmask_inplace(logits, mask)
+                    logits = logits[0]
             if params.temperature < 1e-5:
                 token = int(logits.argmax())
             else:
@@ -142,6 +165,8 @@ class LLM:
                 token = int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
             ids.append(token)
             new.append(token)
+            if matcher is not None:
+                matcher.consume_token(token)
             if token in eos and not params.ignore_eos:
                 finish = "stop"
                 break
