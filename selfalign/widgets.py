@@ -33,7 +33,8 @@ from .inputs import PRINCIPLES_DIR
 from .records import Run
 from .stages import self_align
 from .stages.common import drop_reasons
-from .triggers import SELF_INSTRUCT, plot_trigger_heatmap, trigger_stats
+from .triggers import (SELF_INSTRUCT, disagreements, plot_score_heatmap, plot_trigger_heatmap, score_stats,
+                       trigger_stats)
 
 EVERY = "(any)"  # the dropdowns' value for "no filter": a Dropdown shows nothing selected when its value is None
 
@@ -261,10 +262,10 @@ def examples_html(examples: list[dict]) -> str:
             "<tr><th>prompt</th><th>thoughts</th><th>answer</th></tr>" + rows + "</table>")
 
 
-def heatmap_png(per_type) -> bytes:
+def heatmap_png(per_type, plot=plot_trigger_heatmap) -> bytes:
     import matplotlib.pyplot as plt
 
-    ax = plot_trigger_heatmap(per_type)
+    ax = plot(per_type)
     buffer = io.BytesIO()
     ax.figure.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
     plt.close(ax.figure)  # shown once, in the widget, not again by the inline backend
@@ -382,16 +383,24 @@ class TriggerExplorer(_Shown):
 
         self.records, self.limit = records, limit
         kept = pd.DataFrame([r for r in records if r.get("status", "kept") == "kept"],
-                            columns=["id", "type", "triggers", "answer"])
+                            columns=["id", "type", "triggers", "answer", "principle_scores"])
         _, self.per_type = trigger_stats(kept, principle_set)
+        # Beside what the thoughts cite, what the model finds likely (principle_scores), and where they differ.
+        self.likely = score_stats(kept, principle_set)
+        self.disagreements = disagreements(kept, principle_set)
         # Not stretched to the notebook's width, which would blow a small heatmap up.
         self.heatmap = w.Image(value=heatmap_png(self.per_type), format="png", layout=w.Layout(align_self="flex-start"))
+        self.likely_heatmap = w.Image(value=heatmap_png(self.likely, plot_score_heatmap), format="png",
+                                      layout=w.Layout(align_self="flex-start"))
+        self.disagreement_table = w.HTML(self.disagreements.to_html(index=False) if len(self.disagreements) else
+                                         "<p><i>No kept response has principle_scores.</i></p>")
         cells = heatmap_cells(self.per_type)
         self.cell = w.Dropdown(description="cell", options=cells or [("(no principle fired)", "none")],
                                layout=w.Layout(width="40em"))
         self.examples = w.HTML()
         self.cell.observe(self.show, names="value")
-        self.widget = w.VBox([self.heatmap, self.cell, self.examples])
+        self.widget = w.VBox([w.HBox([self.heatmap, self.likely_heatmap]), self.disagreement_table, self.cell,
+                              self.examples])
         self.show()
 
     def show(self, _change=None) -> None:

@@ -10,9 +10,9 @@ from selfalign import widgets
 from selfalign.generation import Engine
 from selfalign.principles import PrincipleError, load_principle_set
 from selfalign.ablation import ablate
-from selfalign.stages.self_align import SelfAlignConfig, run
+from selfalign.stages.self_align import SelfAlignConfig
 from selfalign.triggers import trigger_stats
-from test_self_align import SCRIPT, ScriptedBackend
+from test_self_align import SCRIPT, ScriptedBackend, run  # run: stage 2 with a scripted scorer
 
 matplotlib.use("Agg")
 PROMPTS = list(SCRIPT)[:3]  # good (its answer depends on principle 7's text), loop, nomarker
@@ -230,3 +230,11 @@ def test_explorer_lists_the_examples_of_a_cell(records, base):
     assert "selfalign-examples" in explorer.examples.value and "It is 42." in explorer.examples.value
     nothing = widgets.TriggerExplorer([r for r in records if r["status"] == "dropped"], base)
     assert nothing.cell.label == "(no principle fired)" and "nothing to click" in nothing.examples.value
+    # Beside the written triggers: the likelihood heatmap and where the two disagree.
+    assert bytes(explorer.likely_heatmap.value).startswith(b"\x89PNG")
+    kept = [r for r in records if r["status"] == "kept"]
+    scored = [r for r in kept if r.get("principle_scores")]
+    assert len(explorer.disagreements) == len(scored)
+    if scored:
+        assert "most_likely" in explorer.disagreement_table.value
+    assert "No kept response has principle_scores" in nothing.disagreement_table.value
