@@ -61,4 +61,4 @@ def test_leave_one_out_flags_are_its_settings_fields(capsys):
     shown = capsys.readouterr().out
     for field in dataclasses.fields(LeaveOneOutConfig):
         assert "--" + field.name.replace("_", "-") in shown
-    assert "--no-loo-scores" in shown and "default: 48" in shown
+    assert "--no-loo-scores" in shown and "default: 96" in shown
