@@ -161,7 +161,7 @@ def test_edit_a_principle_and_regenerate_in_jupyterlab(browser_context, lab, not
         page.get_by_text(f"{len(records)} of {len(records)} records", exact=True).wait_for()
         page.get_by_label("drop reason").select_option(label="(kept)")
         page.get_by_text(f"{kept} of {len(records)} records", exact=True).wait_for()
-        assert page.locator(".widget-image").count() == 1
+        assert page.locator(".widget-image").count() == 2  # the explorer: written triggers and likelihoods
         assert page.locator('[data-mime-type="application/vnd.jupyter.error"]').count() == 0
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
