@@ -21,9 +21,10 @@
 # answers, first as one experiment that runs headless, then with instruments you drive yourself:
 #
 # - **leave-one-out**: a few of the run's prompts answered with all principles and then without
-#   each one in turn (16 + 1 variants of the prompt, the same seeds), and per principle how many
-#   responses changed, how much of each survived, how far the model's preference among the
-#   remaining citations moved, and which red-team type moved most;
+#   each one in turn (the same seeds; the book leaves out two principles, the `small` and `full`
+#   profiles all sixteen), and per principle how many responses changed, how much of each
+#   survived, how far the model's preference among the remaining citations moved, and which
+#   red-team type moved most;
 # - **static results** of the three widgets below, so that the built book shows them: one
 #   principle edit with its answers before and after, the trigger heatmap with the responses of
 #   its largest cell, and the heatmap of the citations the model finds likely;
@@ -114,19 +115,20 @@ ablation.plot_leave_one_out(summary);
 # **What this shows on a 135M model.** Read the chart as what a small model does with a prompt
 # of 2,500 tokens, not as what each principle means. Removing any principle changes the prompt,
 # and sampling at stage 2's temperature lets that change ripple through everything after it, so
-# most principles "move" responses that have nothing to do with them, and with two prompts one
-# changed response decides a row: the ranking of the left-hand chart is mostly noise. (In the run
-# this chapter was written against, 14 of the 16 removals changed at least one of the two
-# responses, a self-instruct prompt about a cipher moved most often, and the two removals that
-# changed nothing were 1 *Ethical* and 14 *Balanced & Informative Perspectives*.) The likelihood
-# shift on the right is the more telling column, because it does not depend on a sampled token:
-# it is near 0 where the model only handed the missing principle's share to the others in
-# proportion, and large where its preference among the *remaining* principles moved. Removing 1
-# *Ethical* left both responses word for word the same and still moved that preference
-# (a TV distance of about 0.27): the citation the model would choose changed although the text it
-# sampled did not. Neither column is evidence that the model *follows* a principle; a 65B model,
-# and more prompts (`selfalign run --profile small`, or `-p loo_prompts 16`), are what would
-# turn them into one. The `full` profile answers 64 prompts at the paper's answer length.
+# a removal "moves" responses that have nothing to do with it, and with two prompts one changed
+# response decides a row. Run over all sixteen principles (`-p loo_principles []`) on two
+# prompts at 48 tokens, 14 of the 16 removals changed at least one response, most often a
+# self-instruct prompt that had nothing to do with the principle: such a ranking is mostly noise.
+# Leaving 1 *Ethical* out is the test that should mean something, on a harmful request; in the
+# runs this chapter was written against, the full set's thoughts did not cite 1 there to begin
+# with, so there was little for its removal to take away. The likelihood shift on the right is
+# the more telling column, because it does not depend on a sampled token: it is near 0 where the
+# model only handed the missing principle's share to the others in proportion, and large where
+# its preference among the *remaining* principles moved. In one run, removing 1 *Ethical* left
+# both responses word for word the same and still moved that preference (a TV distance of about
+# 0.27). Neither column is evidence that the model *follows* a principle; a 65B model, and more
+# prompts (`selfalign run --profile small`, or `-p loo_prompts 16`), are what would turn them
+# into one. The `full` profile answers 64 prompts at the paper's answer length.
 
 # %% [markdown]
 # ## The widgets' results, for the page

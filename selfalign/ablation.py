@@ -10,9 +10,10 @@
 
 Every variant samples as stage 2 does (`self_align.sampling`), under its own format grammar where
 stage 2 constrains the format (so it cannot cite the principle it was not shown), and seeds each
-prompt by the same key, so that a difference comes from the principles, not from a new draw. A variant's rows are appended to the JSONL file as
-the variant finishes; a rerun skips what is there and refuses a file made for other prompts,
-settings or principles. This module plots but does not decide what the chapter shows.
+prompt by the same key, so that a difference comes from the principles, not from a new draw. A
+variant's rows are appended to the JSONL file as the variant finishes; a rerun skips what is there
+and refuses a file made for other prompts, settings or principles. This module plots but does not
+decide what the chapter shows.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ FULL = "all"  # the variant with every principle
 @dataclass
 class LeaveOneOutConfig(GenerationSettings):
     model: str = ""  # "": the model the run's stage 2 answered with
-    # 17 variants, each behind its own ~2,500-token prefix (computed twice with loo_scores: to answer, to
-    # score), on 2 CPU cores ~20 s a variant: the book's run answers 2 prompts for 48 tokens.
+    # Each variant sits behind its own ~2,500-token prefix (computed twice with loo_scores: to answer,
+    # to score): on 2 CPU cores about 35 s a variant at 2 prompts and 96 tokens (2 min on a busy machine).
     loo_prompts: int = 2  # prompts every variant answers: stage 2's kept ones first, one per red-team type first
     loo_max_new_tokens: int = 96  # per response, into the answer; the sampling settings are otherwise stage 2's
     # The book's CPU run leaves out two principles (3 variants, ~2 minutes); the small and full
@@ -138,9 +139,9 @@ def _earlier(path: Path, request: dict) -> list[dict]:
     rows = list(read_jsonl(path))
     differs = sorted({name for row in rows for name in request if row["request"].get(name) != request[name]})
     if differs:
-        raise RunError(f"{path} holds leave-one-out answers made for other {' and '.join(differs)} than these (its rows "
-                       "would not compare with new ones): delete it, or, for a run, rerun with --restart "
-                       "(restart=True) to set it aside, or use another run name")
+        raise RunError(f"{path} holds leave-one-out answers made for other {' and '.join(differs)} than these "
+                       "(its rows would not compare with new ones): delete it, or, for a run, rerun with "
+                       "--restart (restart=True) to set it aside, or use another run name")
     return rows
 
 
@@ -206,7 +207,8 @@ def answer_table(rows: list[dict], principle_set: PrincipleSet):
     table["type"] = table["type"].map(lambda t: t if isinstance(t, str) and t else SELF_INSTRUCT)
     rank = {p.number: i for i, p in enumerate(principle_set.principles)}
     seen = {key: i for i, key in enumerate(dict.fromkeys(table["key"]))}
-    table["_o"] = [(-1 if pd.isna(n) else rank.get(int(n), 99), seen[k]) for n, k in zip(table["left_out"], table["key"])]
+    table["_o"] = [(-1 if pd.isna(n) else rank.get(int(n), 99), seen[k])
+                   for n, k in zip(table["left_out"], table["key"])]
     table = table.sort_values("_o").drop(columns="_o").astype({"left_out": "Int64"})
     full = table[table["variant"] == FULL].set_index("key")
     table["overlap"] = [overlap(full.at[k, "response"], r) if k in full.index else float("nan")
