@@ -70,10 +70,11 @@ from selfalign import ablation, triggers, widgets
 from selfalign.generation import Engine
 from selfalign.models import load_model
 from selfalign.principles import load_principle_set
+from selfalign.stages import self_align
 from selfalign.stages.self_align import SelfAlignConfig
 
 principles = load_principle_set()
-records = widgets.load_records(run, runs_dir)
+records = self_align.records(run, runs_dir)
 pd.DataFrame(records, columns=["status", "type"]).fillna({"type": widgets.SELF_INSTRUCT}).value_counts().to_frame()
 
 # %% [markdown]

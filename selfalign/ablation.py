@@ -329,9 +329,7 @@ def stage_two(run: Run) -> tuple[self_align.SelfAlignConfig, list[dict]]:
                        f"`selfalign stage self-align --run {run.name}` (or chapter 2) first")
     fields = {f.name for f in dataclasses.fields(self_align.SelfAlignConfig)}
     config = from_mapping(self_align.SelfAlignConfig, {k: v for k, v in manifest["params"].items() if k in fields})
-    read = [(name, stage.read(name)) for name in ("responses.jsonl", "drops.jsonl") if (stage.path / name).exists()]
-    records = [{**r, "status": "kept" if name == "responses.jsonl" else "dropped"} for name, rows in read for r in rows]
-    return config, [r for r in records if r.get("prompt")]
+    return config, [r for r in self_align.records(run.name, run.root.parent) if r.get("prompt")]
 
 
 def run(config: LeaveOneOutConfig, loaded=None, engine=None, scorer=None):

@@ -220,8 +220,13 @@ def _check(where: str, value, kind: str) -> None:
         raise PrincipleError(f"{where} must be a text, got {describe(value)}")
 
 
+def citation_label(principle_set: PrincipleSet, number: int) -> str:
+    """How a citation is written in the exemplars' rules sentence: "7 (Candor)"."""
+    return f"{number} ({principle_set.principle(number).name})"
+
+
 def rules_sentence(principle_set: PrincipleSet, cites) -> str:
-    names = [f"{n} ({principle_set.principle(n).name})" for n in cites if n in principle_set.numbers]
+    names = [citation_label(principle_set, n) for n in cites if n in principle_set.numbers]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return principle_set.template["rules_sentence"].format(rules=listed) if names else ""
 

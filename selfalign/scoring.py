@@ -278,9 +278,7 @@ def _forward(model, rows: list[list[int]], past: _Past | None, side: str, keep: 
     full_mask = mask if past is None else torch.cat([past.mask, mask], dim=1)
     # Positions count real tokens only, so a row's padding (here or in the past) does not shift it.
     positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, -width:]
-    cache = DynamicCache(config=model.config)
-    for layer, (k, v) in enumerate(past.layers if past else []):
-        cache.update(k, v, layer)
+    cache = _cache_of(model, past) if past else DynamicCache(config=model.config)
     if isinstance(keep, list):
         keep = torch.tensor(keep, device=device)
     output = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,

@@ -21,7 +21,7 @@ import math
 import re
 from typing import Sequence
 
-from .principles import PrincipleSet, render_prompt
+from .principles import PrincipleSet, citation_label, render_prompt
 
 SELF_INSTRUCT = "(self-instruct)"  # the type column of prompts without a red-team type
 
@@ -32,11 +32,6 @@ def _parts(principle_set: PrincipleSet, assistant: str) -> tuple[str, str, str]:
     opener, closer = t["rules_sentence"].split("{rules}")
     marker = t["answer_turn"].split("{text}")[0].replace("{assistant}", assistant)
     return opener, closer, marker
-
-
-def citation_label(principle_set: PrincipleSet, number: int) -> str:
-    """How a citation is written in the exemplars' rules sentence: "7 (Candor)"."""
-    return f"{number} ({principle_set.principle(number).name})"
 
 
 def format_grammar(principle_set: PrincipleSet, assistant: str = "Watson", max_thought_sentences: int | None = None,

@@ -30,7 +30,6 @@ import yaml
 from .ablation import ablate
 from .principles import PrincipleError, PrincipleSet, load_principle_set, render_prompt, rules_sentence
 from .inputs import PRINCIPLES_DIR
-from .records import Run
 from .stages import self_align
 from .stages.common import drop_reasons
 from .triggers import (SELF_INSTRUCT, disagreements, plot_score_heatmap, plot_trigger_heatmap, score_stats,
@@ -171,22 +170,6 @@ def _exemplars_yaml(principle_set: PrincipleSet) -> str:
 
 
 # ---- records: pure functions ----
-
-def load_records(run: str, runs_dir: str | Path = "runs", stage: str = self_align.STAGE) -> list[dict]:
-    """A stage's kept (responses.jsonl) and dropped (drops.jsonl) records, each with `status`
-    ("kept" or "dropped") and `raw`, the model's whole continuation (from calls.jsonl)."""
-    if not (Path(runs_dir) / run / stage).is_dir():
-        raise FileNotFoundError(f"{Path(runs_dir) / run / stage} does not exist: run stage 2 first "
-                                f"(notebook 02, or `selfalign stage self-align --run {run}`)")
-    where = Run(run, runs_dir).stage(stage)
-
-    def read(name: str) -> list[dict]:
-        return where.read(name) if (where.path / name).exists() else []
-
-    calls = {c["id"]: c["completion"] for c in read("calls.jsonl")}
-    return ([{**r, "status": "kept", "raw": calls.get(r["id"], "")} for r in read("responses.jsonl")]
-            + [{**r, "status": "dropped", "raw": r.get("raw", calls.get(r["id"], ""))} for r in read("drops.jsonl")])
-
 
 def type_of(record: dict) -> str:
     return record.get("type") or SELF_INSTRUCT

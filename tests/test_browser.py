@@ -129,7 +129,7 @@ KERNEL_CONNECTED = """() => {
 
 @pytest.mark.slow
 def test_edit_a_principle_and_regenerate_in_jupyterlab(browser_context, lab, notebook_root, tmp_path):
-    from selfalign import widgets
+    from selfalign.stages import self_align
 
     url, token = lab
     page = browser_context.new_page()
@@ -156,7 +156,7 @@ def test_edit_a_principle_and_regenerate_in_jupyterlab(browser_context, lab, not
         table = shown.locator("xpath=following-sibling::table[contains(@class, 'selfalign-comparison')][1]")
         assert table.locator("tr").count() == 1 + PARAMETERS["regenerate_prompts"]
         # The inspector's filters reach the kernel too; the explorer shows its heatmap; no cell raised.
-        records = widgets.load_records(PARAMETERS["run"], notebook_root.parent / "runs")
+        records = self_align.records(PARAMETERS["run"], notebook_root.parent / "runs")
         kept = sum(r["status"] == "kept" for r in records)
         page.get_by_text(f"{len(records)} of {len(records)} records", exact=True).wait_for()
         page.get_by_label("drop reason").select_option(label="(kept)")

@@ -10,6 +10,7 @@ from selfalign import widgets
 from selfalign.generation import Engine
 from selfalign.principles import PrincipleError, load_principle_set
 from selfalign.ablation import ablate
+from selfalign.stages import self_align
 from selfalign.stages.self_align import SelfAlignConfig
 from selfalign.triggers import trigger_stats
 from test_self_align import SCRIPT, ScriptedBackend, run  # run: stage 2 with a scripted scorer
@@ -31,7 +32,7 @@ def records(tmp_path):
                                for i, k in enumerate(SCRIPT)))
     run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts)),
         engine=Engine(ScriptedBackend(), progress=False))
-    return widgets.load_records("r", tmp_path)
+    return self_align.records("r", tmp_path)
 
 
 def scripted_editor(base, tmp_path):
@@ -115,7 +116,7 @@ def test_load_records_marks_status_and_raw_output(records):
 
 def test_load_records_of_a_missing_stage_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="selfalign stage self-align --run nothing"):
-        widgets.load_records("nothing", tmp_path)
+        self_align.records("nothing", tmp_path)
     assert not (tmp_path / "nothing").exists()  # looking did not create a run
 
 

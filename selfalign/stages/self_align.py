@@ -30,8 +30,8 @@ Writes: `runs/<run>/self_align/` calls.jsonl, responses.jsonl (schema response/1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..dedup import rouge_l_fmeasure
 from ..generation import Engine, SamplingParams, engine_for
 from ..generation.grammar import check_grammar
 from ..config import GenerationSettings
@@ -159,11 +159,12 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
         # calls.jsonl is durable, so a kill before this point loses no generated text.
         pending = [call for call in stage.read("calls.jsonl")
                    if call["id"] in source and call["id"] not in responses and call["id"] not in drops]
-        if config.score_principles and scorer is None and pending:
+        def scorer_for():
             # One long context, sixteen short citations: scored as branches of one row (scoring.score_branches).
-            scorer = ModelScorer(_loaded_for_scoring(config, engine, loaded), progress=engine.progress,
-                                 options={"branches": True})
-        settle(pending, source, principle_set, config, scorer, origin, responses, drops)
+            return scorer or ModelScorer(_loaded_for_scoring(config, engine, loaded), progress=engine.progress,
+                                         options={"branches": True})
+
+        settle(pending, source, principle_set, config, scorer_for, origin, responses, drops)
         kept, dropped = len(responses), len(drops)
         reasons = drop_reasons(stage.read("drops.jsonl"))
 
@@ -171,8 +172,10 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
     return stage.manifest()
 
 
-def settle(calls, source, principle_set, config, scorer, origin, responses, drops) -> None:
-    """Parse each call's completion, drop it with its reason or keep it with its principle_scores."""
+def settle(calls, source, principle_set, config, scorer_for, origin, responses, drops) -> None:
+    """Parse each call's completion, drop it with its reason or keep it with its principle_scores;
+    `scorer_for()` gives the scorer, asked for only when an answer is kept (with vLLM it loads the
+    weights once more)."""
     fields, kept = [], []
     for call in calls:
         row = source[call["id"]]
@@ -188,7 +191,8 @@ def settle(calls, source, principle_set, config, scorer, origin, responses, drop
         if reason is None:
             kept.append(record)
     if config.score_principles and kept:
-        scores = principle_scores(scorer, principle_set, [(r["prompt"], r["thoughts"]) for r in kept], config.assistant)
+        scores = principle_scores(scorer_for(), principle_set, [(r["prompt"], r["thoughts"]) for r in kept],
+                                  config.assistant)
         for record, score in zip(kept, scores):
             record["principle_scores"] = score
     for record, reason, raw in fields:
@@ -216,6 +220,22 @@ def tables(run: str, runs_dir: str = "runs") -> dict:
                "principle_scores", "constrained"]
     return stage_frames(Run(run, runs_dir).stage(STAGE),
                         {"responses": columns, "drops": columns + ["reason", "raw"]})
+
+
+def records(run: str, runs_dir: str | Path = "runs") -> list[dict]:
+    """The stage's kept (responses.jsonl) and dropped (drops.jsonl) records, each with `status`
+    ("kept" or "dropped") and `raw`, the model's whole continuation (from calls.jsonl)."""
+    if not (Path(runs_dir) / run / STAGE).is_dir():
+        raise FileNotFoundError(f"{Path(runs_dir) / run / STAGE} does not exist: run stage 2 first "
+                                f"(notebook 02, or `selfalign stage self-align --run {run}`)")
+    where = Run(run, runs_dir).stage(STAGE)
+
+    def read(name: str) -> list[dict]:
+        return where.read(name) if (where.path / name).exists() else []
+
+    calls = {c["id"]: c["completion"] for c in read("calls.jsonl")}
+    return ([{**r, "status": "kept", "raw": calls.get(r["id"], "")} for r in read("responses.jsonl")]
+            + [{**r, "status": "dropped", "raw": r.get("raw", calls.get(r["id"], ""))} for r in read("drops.jsonl")])
 
 
 def plot_answer_lengths(responses, ax=None):
