@@ -1,8 +1,13 @@
-"""Tokens per second of the generation engine on the embedded model, by batch size.
+"""Tokens per second of the generation engine on the embedded model, plain and behind stage 2's prefix.
 
-Prints a markdown table: the same prompts answered at batch 1, 4 and 16 (sampling, 48 new tokens),
-then the same prompts behind a long shared prefix with and without the prefix cache (what stage 2
-does with its principles and exemplars). Run: `.venv/bin/python benchmarks/generation.py`.
+Prints a markdown table, all in one run (these machines are noisy, so compare within it):
+- plain prompts (the seed prompts, no prefix) at each batch size;
+- the same prompts behind stage 2's real prefix (preamble, 16 principles, 5 exemplars), with the
+  prefix's cache copied into every row (the path before shared-prefix attention) and shared
+  (`selfalign/generation/shared_prefix.py`), each with its share of the plain throughput;
+- whether the shared path chose the same tokens as the copied one (sampled, same seeds).
+
+Run: `.venv/bin/python benchmarks/generation.py [--backend hf-static] [--batch-sizes 1 8 16]`.
 """
 
 from __future__ import annotations
@@ -13,53 +18,58 @@ import time
 
 import torch
 
-from selfalign.generation import Engine, SamplingParams
-from selfalign.models import DEFAULT_MODEL, load_model
+from selfalign.generation import Engine, HFBackend, SamplingParams
+from selfalign.generation.shared_prefix import bytes_per_row
 from selfalign.inputs import PRINCIPLES_DIR, load_prompts
+from selfalign.models import DEFAULT_MODEL, load_model
+from selfalign.principles import load_principle_set, render_prefix, render_prompt
 
 
-def timed(engine, prompts, params, shared_prefix=None):
+def timed(backend, batch, prompts, params, shared_prefix=None):
+    engine = Engine(backend, batch_size=batch, context_length=backend.loaded.context_length, progress=False)
     started = time.perf_counter()
     completions = engine.generate(prompts, params, shared_prefix=shared_prefix)
     seconds = time.perf_counter() - started
-    return sum(c.completion_tokens for c in completions), seconds
+    return completions, sum(c.completion_tokens for c in completions) / seconds, seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--backend", choices=["hf", "hf-static"], default="hf")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--prefix-prompts", type=int, default=8, help="prompts in the shared-prefix rows (0: skip)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     args = parser.parse_args()
 
     loaded = load_model(args.model)
-    seeds = load_prompts(PRINCIPLES_DIR / "seed_prompts.jsonl")
-    prompts = [f"User: {row['prompt']}\n\nAssistant:" for row in seeds[: args.prompts]]
-    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=args.new_tokens, seed=0)
-    print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, {len(prompts)} prompts, {args.new_tokens} new tokens\n")
-    print("| setting | batch | new tokens | seconds | tokens/s | vs batch 1 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base = None
+    seeds = load_prompts(PRINCIPLES_DIR / "seed_prompts.jsonl")[: args.prompts]
+    principle_set = load_principle_set()
+    prefix = render_prefix(principle_set, "Watson")
+    plain = [f"User: {row['prompt']}\n\nAssistant:" for row in seeds]
+    behind = [render_prompt(principle_set, row["prompt"]) for row in seeds]
+    prefix_tokens = len(loaded.tokenizer(prefix)["input_ids"])
+    # No stop strings and no end of text, so that every setting decodes the same number of tokens.
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=args.new_tokens, seed=0,
+                            logit_bias=((loaded.tokenizer.eos_token, -100.0),))
+    static = args.backend == "hf-static"
+    copied, shared = HFBackend(loaded, static=static, share_prefix=False), HFBackend(loaded, static=static)
+    for backend in (copied, shared):  # the prefix's own cache is computed once a stage: not timed here
+        backend._cached_prefix(prefix, backend._prefix_ids(prefix))
+    print(f"model {args.model}, backend {args.backend}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {platform.processor() or platform.machine()}, {len(seeds)} prompts, {args.new_tokens} new "
+          f"tokens, prefix {prefix_tokens} tokens ({bytes_per_row(loaded.model, prefix_tokens) / 2**20:.0f} MiB "
+          f"of keys and values a row; shared: once a batch)\n")
+    print("| batch | plain tok/s | prefix copied tok/s | share of plain | prefix shared tok/s | share of plain "
+          "| shared / copied | same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for batch in args.batch_sizes:
-        tokens, seconds = timed(Engine.for_model(loaded, batch_size=batch, progress=False), prompts, params)
-        rate = tokens / seconds
-        base = base or rate
-        print(f"| plain prompts | {batch} | {tokens} | {seconds:.1f} | {rate:.1f} | {rate / base:.1f}x |", flush=True)
-
-    if args.prefix_prompts:
-        prefix = "\n".join(f"User: {r['prompt']}\nAssistant: I will answer that." for r in seeds) + "\n"
-        prefix_tokens = len(loaded.tokenizer(prefix)["input_ids"])
-        batch = args.prefix_prompts
-        long_prompts = [prefix + p for p in prompts[:batch]]
-        engine = Engine.for_model(loaded, batch_size=batch, progress=False)
-        for label, shared in [("shared prefix, recomputed", None), ("shared prefix, cached", prefix)]:
-            engine.backend._prefix_cache.clear()  # each row pays its own prefix computation once
-            tokens, seconds = timed(engine, long_prompts, params, shared_prefix=shared)
-            print(f"| {label} ({prefix_tokens} tokens) | {batch} | {tokens} | {seconds:.1f} | "
-                  f"{tokens / seconds:.1f} | |", flush=True)
+        _, plain_rate, _ = timed(copied, batch, plain, params)
+        copied_out, copied_rate, _ = timed(copied, batch, behind, params, prefix)
+        shared_out, shared_rate, _ = timed(shared, batch, behind, params, prefix)
+        print(f"| {batch} | {plain_rate:.1f} | {copied_rate:.1f} | {copied_rate / plain_rate:.0%} | "
+              f"{shared_rate:.1f} | {shared_rate / plain_rate:.0%} | {shared_rate / copied_rate:.2f}x | "
+              f"{'yes' if shared_out == copied_out else 'NO'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def test_static_backend_reuses_its_decoders(tiny):
     engine = Engine(backend, batch_size=2, progress=False)
     engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=5))
     # 5 prompts in batches of 2: two full batches share a decoder, the last batch gets its own.
-    assert sorted(b for b, _ in backend._decoders) == [1, 2]
+    assert sorted(key[0] for key in backend._decoders) == [1, 2]
 
 
 def test_a_stage_runs_on_each_backend_and_resumes_on_another(vllm_module, tiny_dir, tmp_path):

@@ -10,6 +10,7 @@ It does not batch, order or seed prompts (the engine does), nor hold the static 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Sequence
 
@@ -38,7 +39,7 @@ class HFBackend:
     generate's order. `compile=None` compiles on CUDA only.
     """
 
-    def __init__(self, loaded, static: bool = False, compile: bool | None = None):
+    def __init__(self, loaded, static: bool = False, compile: bool | None = None, share_prefix: bool = True):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -49,6 +50,9 @@ class HFBackend:
         self._prefix_tokens: tuple[str, list[int]] = ("", [])  # the last shared prefix and its ids
         self._decoders: dict[tuple[int, int], StaticDecoder] = {}
         self._grammar_tokenizer = None  # llguidance's view of the vocabulary, built on first use
+        # Rows behind a shared prefix attend to its one cached row (shared_prefix.py) where the model
+        # allows; otherwise every row gets its own copy. The tokens are the same (tested).
+        self.share_prefix = share_prefix and _shared_prefix_supported(self.model)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
@@ -99,7 +103,9 @@ class HFBackend:
         attention_mask = torch.tensor(masks, device=device)
         if self.static:
             prefix_cache = self._cached_prefix(shared_prefix, prefix_ids) if shared_prefix is not None else None
-            new_tokens = self._static_decoder(len(prompts), input_ids.shape[1] + params.max_new_tokens).decode(
+            decoder = self._static_decoder(len(prompts), input_ids.shape[1] + params.max_new_tokens,
+                                           prefix_cache if self._shares(len(prompts)) else None)
+            new_tokens = decoder.decode(
                 input_ids, attention_mask, self._processors(params, seeds, attention_mask),
                 self._stopping(params), params.max_new_tokens, pad_id, prefix_cache)
             return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
@@ -117,15 +123,27 @@ class HFBackend:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        attention = contextlib.nullcontext()
         if shared_prefix is not None:
             total = input_ids.shape[1] + params.max_new_tokens
             prefix_cache = self._cached_prefix(shared_prefix, prefix_ids)
-            kwargs[cache_keyword(self.model)] = self._batch_cache(prefix_cache, len(prompts), total)
+            if self._shares(len(prompts)):
+                from .shared_prefix import PrefixedCache, shared_attention
 
-        with torch.inference_mode():
+                kwargs[cache_keyword(self.model)] = PrefixedCache(prefix_cache, total - prefix_len)
+                attention = shared_attention(self.model)
+            else:
+                kwargs[cache_keyword(self.model)] = self._batch_cache(prefix_cache, len(prompts), total)
+
+        with torch.inference_mode(), attention:
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
+
+    def _shares(self, batch: int) -> bool:
+        # One row has one copy of the prefix either way, and two attention calls cost more than one
+        # (0.8x the tokens/s at batch 1, benchmarks/RESULTS.md).
+        return self.share_prefix and batch > 1
 
     def _processors(self, params: SamplingParams, seeds, attention_mask):
         """The logits processors of both decoders, in one order: penalties, logit bias, grammar, sampler.
@@ -160,19 +178,21 @@ class HFBackend:
             criteria.append(StopStringCriteria(self.tokenizer, list(params.stop)))
         return criteria
 
-    def _static_decoder(self, batch: int, total: int) -> "StaticDecoder":
+    def _static_decoder(self, batch: int, total: int, shared_prefix_cache=None) -> "StaticDecoder":
         """A decoder for this batch size whose cache holds `total` tokens, reused across batches.
 
         The cache length is rounded up, so that batches of slightly different widths share one
-        compiled step; two decoders are kept (a full batch and the last, smaller one).
+        compiled step; two decoders are kept (a full batch and the last, smaller one). A decoder
+        that shares a prefix's cache is for that prefix only.
         """
         length = max(total, min(-(-total // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING, self.loaded.context_length))
-        key = (batch, length)
+        key = (batch, length, id(shared_prefix_cache) if shared_prefix_cache is not None else None)
         if key not in self._decoders:
             while len(self._decoders) >= 2:
                 self._decoders.pop(next(iter(self._decoders)))
             compile = self.compile if self.compile is not None else self.model.device.type == "cuda"
-            self._decoders[key] = StaticDecoder(self.model, batch, length, compile=compile)
+            self._decoders[key] = StaticDecoder(self.model, batch, length, compile=compile,
+                                                shared_prefix_cache=shared_prefix_cache)
         else:
             self._decoders[key] = self._decoders.pop(key)  # most recently used last
         return self._decoders[key]
@@ -183,6 +203,7 @@ class HFBackend:
 
         if shared_prefix not in self._prefix_cache:
             self._prefix_cache.clear()  # one prefix at a time: it can be large
+            self._decoders = {key: decoder for key, decoder in self._decoders.items() if key[2] is None}
             cache = DynamicCache(config=self.model.config)
             with torch.inference_mode():
                 self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
@@ -228,6 +249,12 @@ class HFBackend:
         if end is not None:
             return Completion(text, "eos", prompt_tokens, end + 1)
         return Completion(text, "length", prompt_tokens, len(ids))
+
+
+def _shared_prefix_supported(model) -> bool:
+    from .shared_prefix import supports  # imports transformers, which a loaded model has already
+
+    return supports(model)
 
 
 def _tokens_until(tokenizer, ids: list[int], stop: str) -> int:

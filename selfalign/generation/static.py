@@ -22,7 +22,7 @@ class StaticDecoder:
 
     check_every = 8  # steps between checks whether every row has stopped
 
-    def __init__(self, model, batch: int, cache_len: int, compile: bool = False):
+    def __init__(self, model, batch: int, cache_len: int, compile: bool = False, shared_prefix_cache=None):
         import inspect
 
         import torch
@@ -30,7 +30,21 @@ class StaticDecoder:
 
         self.model, self.batch, self.cache_len = model, batch, cache_len
         device = model.device
-        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        # With `shared_prefix_cache` (one row), this decoder is for that prefix: its rows attend to
+        # it in place (shared_prefix.py) and hold only the tokens after it.
+        self.shared_prefix_cache = shared_prefix_cache
+        if shared_prefix_cache is None:
+            self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            self.prefix_len = 0
+        else:
+            from .shared_prefix import PrefixedCache
+
+            self.prefix_len = shared_prefix_cache.get_seq_length()
+            self.cache = PrefixedCache(shared_prefix_cache, cache_len - self.prefix_len)
+            if compile:
+                for layer in shared_prefix_cache.layers:  # read by every replay, never copied into it
+                    torch._dynamo.mark_static_address(layer.keys)
+                    torch._dynamo.mark_static_address(layer.values)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
@@ -59,13 +73,26 @@ class StaticDecoder:
 
     def decode(self, input_ids, attention_mask, processors, stopping, max_new_tokens: int, pad_id: int,
                prefix_cache=None) -> list[list[int]]:
-        """New token ids per row, as `generate` returns them (rows that stopped are padded)."""
-        import torch
+        """New token ids per row, as `generate` returns them (rows that stopped are padded).
+
+        `prefix_cache` is copied into every row; a decoder built with a shared prefix uses its own.
+        """
 
         batch, width = input_ids.shape
         if batch != self.batch or width + max_new_tokens > self.cache_len:
             raise ValueError(f"a batch of {batch}x{width}+{max_new_tokens} does not fit this decoder's "
                              f"{self.batch}x{self.cache_len}")
+        if self.shared_prefix_cache is None:
+            return self._decode(input_ids, attention_mask, processors, stopping, max_new_tokens, pad_id, prefix_cache)
+        from .shared_prefix import shared_attention
+
+        with shared_attention(self.model):
+            return self._decode(input_ids, attention_mask, processors, stopping, max_new_tokens, pad_id, None)
+
+    def _decode(self, input_ids, attention_mask, processors, stopping, max_new_tokens, pad_id, prefix_cache):
+        import torch
+
+        batch, width = input_ids.shape
         with torch.inference_mode():
             self.cache.reset()
             self.mask.zero_()
@@ -73,7 +100,7 @@ class StaticDecoder:
             self.mask[:, width:width + max_new_tokens] = 1
             # Positions count real tokens only, as generate derives them from the mask.
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            start = copy_prefix(prefix_cache, self.cache, batch) if prefix_cache is not None else 0
+            start = copy_prefix(prefix_cache, self.cache, batch) if prefix_cache is not None else self.prefix_len
             logits = self._forward(input_ids[:, start:], positions[:, start:],
                                    torch.arange(start, width, device=input_ids.device))
             self.positions.copy_(positions[:, -1:] + 1)
