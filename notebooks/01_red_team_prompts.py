@@ -42,6 +42,7 @@ run: str = "demo"  # results go to runs/<run>/prompts/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf"; "hf-static" on a GPU (static cache + torch.compile); "vllm" (pip install 'selfalign[vllm]')
+replicas: int = 1  # model replicas generating at once on Ray (pip install 'selfalign[ray]'); 1: this process
 n_self_instruct: int = 8  # Self-Instruct prompts to keep
 types_limit: int = 0  # use only the first N red-team types (0: all 20)
 topics_per_type: int = 1  # topics brainstormed per type
@@ -53,7 +54,7 @@ settings: dict = {}  # any other setting of the stage (the profile's; `selfalign
 from selfalign import red_team
 from selfalign.stages import prompts as prompts_stage
 
-config = prompts_stage.PromptsConfig(run=run, runs_dir=runs_dir, model=model, backend=backend,
+config = prompts_stage.PromptsConfig(run=run, runs_dir=runs_dir, model=model, backend=backend, replicas=replicas,
                                      n_self_instruct=n_self_instruct,
                                      types_limit=types_limit, topics_per_type=topics_per_type,
                                      n_per_topic=n_per_topic, seed=seed, **settings)

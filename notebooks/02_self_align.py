@@ -50,6 +50,7 @@ run: str = "demo"  # reads runs/<run>/prompts/, writes runs/<run>/self_align/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # registered name, model directory, or hub id
 backend: str = "hf"  # "hf", or "hf-static" on a GPU (static cache + torch.compile); vLLM: `selfalign stage self-align`
+replicas: int = 1  # model replicas generating at once on Ray (pip install 'selfalign[ray]'); 1: this process
 prompts: str = ""  # a prompt file; "": this run's stage-1 prompts
 limit: int = 16  # answer the first N prompts (0: all)
 max_new_tokens: int = 160  # per answer (the paper used 256)
@@ -77,7 +78,7 @@ print(render_prompt(principles, "What is the weather like in Paris right now?", 
 
 # %%
 loaded = load_model(model)
-config = self_align.SelfAlignConfig(run=run, runs_dir=runs_dir, model=model, backend=backend,
+config = self_align.SelfAlignConfig(run=run, runs_dir=runs_dir, model=model, backend=backend, replicas=replicas,
                                     prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, assistant=assistant,
                                     seed=seed, **settings)
 manifest = self_align.run(config, loaded=loaded)

@@ -38,6 +38,7 @@ run: str = "demo"  # reads runs/<run>/engrave/, writes runs/<run>/verbose/
 runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the base model stages 2 and 3 used
 max_new_tokens: int = 128  # per teacher answer (the paper: 512)
+replicas: int = 1  # teacher replicas answering at once on Ray (pip install 'selfalign[ray]'); 1: this process
 limit: int = 0  # the teacher answers the first N of stage 3's prompts (0: all)
 epochs: int = 2  # student training passes (the paper: 1)
 learning_rate: float = 4e-4  # the paper's
@@ -66,7 +67,7 @@ print(chat.prompt("How do I boil an egg?", instruction=read_instruction()))
 # %%
 loaded = load_model(model)
 config = verbose.VerboseConfig(run=run, runs_dir=runs_dir, model=model, max_new_tokens=max_new_tokens,
-                               limit=limit, epochs=epochs, learning_rate=learning_rate,
+                               replicas=replicas, limit=limit, epochs=epochs, learning_rate=learning_rate,
                                micro_batch_size=micro_batch_size, cutoff=cutoff, seed=seed, **settings)
 manifest = verbose.run(config, loaded=loaded)
 pd.Series(manifest["counts"], name="value").to_frame()

@@ -44,6 +44,7 @@ benchmarks: list = ["truthfulqa", "hhh", "vicuna"]  # those whose data is missin
 limit: int = 10  # items sampled from TruthfulQA and HHH (0: all 817 and 221)
 vicuna_limit: int = 2  # Vicuna questions each model answers (0: as limit)
 max_new_tokens: int = 64  # per Vicuna answer
+replicas: int = 1  # model replicas writing Vicuna answers at once, on Ray (pip install 'selfalign[ray]')
 judge: str = ""  # the Vicuna judge model; "": the base model
 seed: int = 0  # which items are sampled
 settings: dict = {}  # any other setting of the stage, e.g. data_dir (`selfalign stage evaluate --help` lists them)
@@ -60,7 +61,7 @@ from selfalign.stages import evaluate
 
 config = evaluate.EvaluateConfig(run=run, runs_dir=runs_dir, model=model, benchmarks=benchmarks,
                                  limit=limit, vicuna_limit=vicuna_limit,
-                                 max_new_tokens=max_new_tokens, judge=judge, seed=seed, **settings)
+                                 max_new_tokens=max_new_tokens, replicas=replicas, judge=judge, seed=seed, **settings)
 data_dir = config.data_dir
 missing = sorted(set(config.benchmarks) - set(evaluate.available(data_dir)))
 if missing:

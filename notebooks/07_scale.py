@@ -42,8 +42,10 @@ floor_fraction: float = 0.6  # decode speed as a share of the memory floor (the 
 mfu: float = 0.24  # training FLOPs utilisation (measured: 0.24 for LoRA on a 7B shape, H200)
 decode_tokens_per_s: float = 0.0  # your measured decode tokens/s per GPU; 0: use floor_fraction instead
 generation_batch: int = 64  # sequences decoded together
+generation_replicas: int = 4  # model replicas generating at once (the stages' `replicas` setting, on Ray)
+gpus_per_replica: int = 8  # GPUs each replica spans (vLLM's tensor_parallel_size; 65B in bf16 needs several)
 profile: str = "full"  # the profile whose settings are compared with the paper's
-processes: int = 8  # the processes `accelerate launch` trains stages 3-4 with (sets the accumulation)
+processes: int = 8  # the processes `accelerate launch` trains stages 3-4 with (sets the accumulation; 1 GPU each)
 
 # %%
 import matplotlib.pyplot as plt
@@ -118,6 +120,11 @@ plt.tight_layout()
 # A shared prefix (the principles and exemplars of stage 2) is computed once and cached, as the
 # engine does. Training stages: LoRA costs 4 forward-equivalents a token (6 with gradient
 # checkpointing, which recomputes the forward), at `mfu` of the card's peak.
+#
+# Wall time: generation runs on `generation_replicas` replicas of `gpus_per_replica` GPUs each
+# (the stages' `replicas` setting; README, "Generation on several replicas"), training on
+# `processes` GPUs. `wall_hours` is a stage's GPU-hours over its GPUs: more replicas shorten the
+# wall time, and leave the GPU-hours as they are.
 
 # %%
 assume = cost.CostAssumptions(gpu=card, mfu=mfu)
@@ -126,10 +133,12 @@ if decode_tokens_per_s:
     roofline = cost.roofline_throughput(shape, card, generation_batch, mfu=mfu)
     throughput = cost.Throughput(prefill=roofline.prefill, decode=decode_tokens_per_s,
                                  source=f"measured decode {decode_tokens_per_s:g} tok/s per GPU; prefill: roofline")
+layout = dict(replicas=generation_replicas, gpus_per_replica=gpus_per_replica, train_gpus=processes)
 table = cost.cost_table(cost.paper_stages(prompt_count), shape, throughput, assume, batch=generation_batch,
-                        floor_fraction=floor_fraction)
+                        floor_fraction=floor_fraction, **layout)
 pd.set_option("display.max_colwidth", 200)
-table[["stage", "kind", "prefill_tokens", "decode_tokens", "train_tokens", "gpu_hours", "assumptions"]].round(1)
+table[["stage", "kind", "prefill_tokens", "decode_tokens", "train_tokens", "gpu_hours", "gpus", "wall_hours",
+       "assumptions"]].round(1)
 
 # %%
 hours = table[table["stage"] != "total"].set_index("stage")["gpu_hours"]
@@ -137,7 +146,24 @@ ax = hours.plot.barh(figsize=(7, 2.8), color=["tab:blue" if k == "generation" el
                                                for k in table[table["stage"] != "total"]["kind"]])
 ax.set_xlabel(f"GPU-hours on {card.name} (blue: generation, orange: training)")
 plt.tight_layout()
-print(f"total: {table['gpu_hours'].iloc[-1]:,.0f} GPU-hours, {table['gpu_hours'].iloc[-1] / 8 / 24:,.1f} days on 8 GPUs")
+print(f"total: {table['gpu_hours'].iloc[-1]:,.0f} GPU-hours; {table['wall_hours'].iloc[-1] / 24:,.1f} days of wall "
+      f"time with {generation_replicas} replicas of {gpus_per_replica} GPUs generating and {processes} GPUs training")
+
+# %% [markdown]
+# ## How replicas change the clock
+#
+# The same stages with more replicas: the generation stages' wall time divides by the replica
+# count, the GPU-hours do not (nor does training's wall time, on its own GPUs).
+
+# %%
+by_replicas = []
+for count in (1, 2, 4, 8, 16):
+    costed = cost.cost_table(cost.paper_stages(prompt_count), shape, throughput, assume, batch=generation_batch,
+                             floor_fraction=floor_fraction, **{**layout, "replicas": count})
+    by_replicas.append({"replicas": count, "GPUs generating": count * gpus_per_replica,
+                        "GPU-hours": round(costed["gpu_hours"].iloc[-1]),
+                        "wall days": round(costed["wall_hours"].iloc[-1] / 24, 1)})
+pd.DataFrame(by_replicas)
 
 # %% [markdown]
 # ## How the backend changes the bill
@@ -156,5 +182,6 @@ pd.DataFrame(rows)
 
 # %% [markdown]
 # To run the stages at this scale: `selfalign stage prompts|self-align --backend hf-static` (or
-# `--backend vllm --tensor-parallel-size 8` where vLLM is installed), and the accelerate configs in
-# `configs/accelerate/` for stages 3 and 4 (see the README).
+# `--backend vllm --tensor-parallel-size 8` where vLLM is installed, with `--replicas N` to spread
+# the prompts over N such replicas on a Ray cluster: `configs/slurm/`), and the accelerate configs
+# in `configs/accelerate/` for stages 3 and 4 (see the README).

@@ -58,7 +58,8 @@ class LeaveOneOutConfig(GenerationSettings):
     loo_scores: bool = True  # score each answer's principle_scores (the likelihood of citing each principle)
 
     def __post_init__(self):
-        check_ranges(self, positive=("loo_prompts", "loo_max_new_tokens", "batch_size", "tensor_parallel_size"))
+        check_ranges(self, positive=("loo_prompts", "loo_max_new_tokens", "batch_size", "tensor_parallel_size",
+                                     "replicas"))
         check_backend(self.backend)
         try:  # the command line hands the numbers over as text
             self.loo_principles = tuple(int(n) for n in self.loo_principles)
@@ -346,7 +347,8 @@ def run(config: LeaveOneOutConfig, loaded=None, engine=None, scorer=None):
     principle_set.without(*config.loo_principles)  # a number the set lacks fails here, before a model loads
     sampling = dataclasses.replace(settings, model=config.model or settings.model, seed=config.seed,
                                    max_new_tokens=config.loo_max_new_tokens, batch_size=config.batch_size,
-                                   backend=config.backend, tensor_parallel_size=config.tensor_parallel_size)
+                                   backend=config.backend, tensor_parallel_size=config.tensor_parallel_size,
+                                   replicas=config.replicas, ray_address=config.ray_address)
     prompts = choose_prompts(records, config.loo_prompts)
     stage = run_dir.stage(STAGE)
     stage.start({**settings_of(sampling), "request": request_of(prompts, principle_set, sampling, config.loo_scores)},

@@ -2,8 +2,9 @@
 
 The notebooks' `parameters` cells and the CLI are two views of the same dataclass, so a setting
 has one name, one default and one type everywhere. The fields every stage repeats are declared
-once here: `StageSettings` (where a run lives, which model, the seed, restart) and
-`GenerationSettings` (batching and the backend of the stages that generate).
+once here: `StageSettings` (where a run lives, which model, the seed, restart),
+`ReplicaSettings` (how many model replicas generate, and on which Ray cluster) and
+`GenerationSettings` (those, batching and the backend of the stages that generate).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ class StageSettings:
 
 
 @dataclass
-class GenerationSettings(StageSettings):
+class ReplicaSettings:
+    # How many model replicas generate at once, each a Ray actor (generation/replicas.py); 1 needs no Ray.
+    replicas: int = 1
+    ray_address: str = ""  # the Ray cluster to join; "": $RAY_ADDRESS if set, else a local Ray started here
+
+
+@dataclass
+class GenerationSettings(ReplicaSettings, StageSettings):  # this order puts run, model, ... first
     batch_size: int = 8
     backend: str = "hf"  # "hf" (transformers generate), "hf-static" (static cache, compiled on CUDA), "vllm"
     tensor_parallel_size: int = 1  # GPUs vLLM splits the model over (backend "vllm" only)

@@ -333,14 +333,23 @@ DEFAULT_FLOOR_FRACTION = 0.6
 
 def cost_table(stages=None, config=LLAMA_65B, throughput: Throughput | dict | None = None,
                assume: CostAssumptions | None = None, batch: int = 64,
-               floor_fraction: float = DEFAULT_FLOOR_FRACTION):
-    """GPU-hours per stage as a DataFrame (a total row last).
+               floor_fraction: float = DEFAULT_FLOOR_FRACTION, replicas: int = 1, gpus_per_replica: int = 8,
+               train_gpus: int = 8):
+    """GPU-hours and wall-clock hours per stage as a DataFrame (a total row last).
 
     `throughput`: one `Throughput` for every generation stage, a dict of them by stage name, or None
     for `roofline_throughput` at each stage's own mean decode context, `batch` and `floor_fraction`.
+    Generation runs on `replicas` model replicas (the stages' `replicas` setting) of
+    `gpus_per_replica` GPUs each (tensor parallel), training on `train_gpus`: `gpus` is what a stage
+    runs on and `wall_hours` its GPU-hours over those GPUs. More replicas divide the wall time, not
+    the GPU-hours: the per-GPU rate is the same, and a shared prefix computed once a replica rather
+    than once is negligible; stragglers and start-up (each replica loads the model) are left out.
     """
     import pandas as pd
 
+    if min(replicas, gpus_per_replica, train_gpus) < 1:
+        raise ValueError(f"replicas, gpus_per_replica and train_gpus must be >= 1, got {replicas}, "
+                         f"{gpus_per_replica}, {train_gpus}")
     stages = paper_stages() if stages is None else stages
     assume = assume or CostAssumptions()
     params = param_count(config)
@@ -349,8 +358,12 @@ def cost_table(stages=None, config=LLAMA_65B, throughput: Throughput | dict | No
         rate = throughput.get(stage.name) if isinstance(throughput, dict) else throughput
         if rate is None and isinstance(stage, GenerationStage):
             rate = roofline_throughput(config, assume.gpu, batch, stage.mean_decode_context, floor_fraction, assume.mfu)
-        rows.append(stage_cost(stage, params, rate, assume))
+        row = stage_cost(stage, params, rate, assume)
+        row["gpus"] = replicas * gpus_per_replica if isinstance(stage, GenerationStage) else train_gpus
+        rows.append({**row, "wall_hours": row["gpu_hours"] / row["gpus"]})
     table = pd.DataFrame(rows)
-    total = {"stage": "total", "kind": "", "assumptions": f"{params / 1e9:.1f}B parameters"}
-    total.update({c: table[c].sum() for c in ("prefill_tokens", "decode_tokens", "train_tokens", "flops", "gpu_hours")})
+    total = {"stage": "total", "kind": "", "assumptions": f"{params / 1e9:.1f}B parameters",
+             "gpus": table["gpus"].max()}
+    total.update({c: table[c].sum() for c in ("prefill_tokens", "decode_tokens", "train_tokens", "flops", "gpu_hours",
+                                              "wall_hours")})  # the stages run one after another
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)

@@ -83,6 +83,8 @@ KNOWN_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 TINY_RANDOM = "tiny-random"
+TINY_NOT_QUANTIZED = ("tiny-random is built in memory, and bitsandbytes quantizes while loading from a directory: "
+                      "save its model and tokenizer (save_pretrained) and pass that directory as the model")
 
 
 def known_names() -> list[str]:
@@ -192,12 +194,15 @@ def check_model(name: str, backend: str = "hf", quantize: str = "") -> None:
     neither registered nor a model directory, an embedded model whose package is absent, tiny-random
     on vLLM, a backend or quantization whose package is missing. A hub id passes (only loading tells)."""
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("backend 'vllm' needs vLLM on a CUDA machine: pip install 'selfalign[vllm]'")
+        raise ValueError("backend 'vllm' needs vLLM: pip install 'selfalign[vllm]' on a CUDA machine, or `make vllm` "
+                         "for vLLM's CPU build in .venv-vllm")
     if quantize and importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(f"quantize {quantize!r} needs bitsandbytes and a CUDA GPU: pip install bitsandbytes")
+        raise ModelError(f"quantize {quantize!r} needs bitsandbytes: pip install bitsandbytes")
     if name == TINY_RANDOM:
         if backend == "vllm":
             raise ModelError("tiny-random lives in memory only; vLLM needs a model directory")
+        if quantize:
+            raise ModelError(TINY_NOT_QUANTIZED)
         return
     if name in KNOWN_MODELS:
         spec = KNOWN_MODELS[name]
@@ -242,9 +247,12 @@ def load_model(
     dtype: "auto" (float32 on CPU, bfloat16 on a GPU that supports it), "float32", "bfloat16" or
     "float16". device_map: passed to accelerate ("auto" shards a large model over the GPUs and CPU);
     None keeps the model on the CPU, or on one GPU when CUDA is available. quantize: None, "8bit"
-    or "4bit" (NF4 with bfloat16 compute), both through bitsandbytes.
+    or "4bit" (NF4, computing in bfloat16 unless `dtype` says otherwise, on the CPU too), both
+    through bitsandbytes, whose layers also run (and train) on the CPU.
     """
     if name_or_path == TINY_RANDOM:
+        if quantize:
+            raise ModelError(TINY_NOT_QUANTIZED)
         model, tokenizer = tiny_random_model()
         return LoadedModel(model, tokenizer, TINY_RANDOM, None)
     if name_or_path in KNOWN_MODELS:
@@ -320,7 +328,10 @@ def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, 
     kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code,
                     "use_safetensors": None if allow_pickle else True}
     if quantize is not None:
-        kwargs["quantization_config"] = _bitsandbytes_config(quantize)
+        # QLoRA computes in bf16: on the CPU too, where its training steps ran 1.3x faster than in float32
+        # compute (benchmarks/qlora_cpu.py, on AVX512-BF16); fp16 on a GPU without bf16 (a V100).
+        compute = torch.bfloat16 if dtype == "auto" and not torch.cuda.is_available() else kwargs["dtype"]
+        kwargs["quantization_config"] = _bitsandbytes_config(quantize, compute)
         device_map = device_map or "auto"
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -336,23 +347,28 @@ def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, 
         raise
     if device_map is None and torch.cuda.is_available():
         model.to("cuda")
+    for module in model.modules() if quantize is not None else ():
+        # bitsandbytes 0.50.2 repacks a 4-bit layer for its CPU kernel (AVX512-BF16) the first time it
+        # runs without gradients, and a repacked layer passes no gradient back: a base that had scored
+        # once would train an adapter that never moves. Unpacked, generating is ~1.3x slower here.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     model.eval()
     _ensure_pad_token(tokenizer)
     return LoadedModel(model, tokenizer, name, path)
 
 
-def _bitsandbytes_config(quantize: str):
+def _bitsandbytes_config(quantize: str, compute_dtype):
     if quantize not in ("8bit", "4bit"):
         raise ModelError(f"quantize must be None, '8bit' or '4bit', not {quantize!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(f"{quantize} loading needs bitsandbytes and a CUDA GPU: pip install bitsandbytes")
-    import torch
+        raise ModelError(f"{quantize} loading needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
 
 
 def _ensure_pad_token(tokenizer) -> None:

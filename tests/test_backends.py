@@ -1,8 +1,8 @@
 """The contract every generation backend keeps, run over each one on CPU.
 
 Backends: a scripted fake (pure Python), "hf" (transformers generate), "hf-static" (the static-cache
-decoder, eager here) and "vllm" through the stand-in module in tests/vllm_standin/ (real vLLM needs
-CUDA; where it is importable, the stand-in is not used and the vllm case runs against it).
+decoder, eager here) and "vllm": the real vLLM where it is importable (vLLM's CPU build in the venv
+that `make vllm` builds: `make test-vllm`), else the stand-in module in tests/vllm_standin/.
 Contract: stop strings cut the text and are reported; finish reasons and token counts agree with
 each other; a prompt's sample depends on its seed and key, not on its batch; records have one shape.
 """
@@ -63,7 +63,9 @@ class FakeBackend:
 def tiny_dir(tmp_path_factory):
     from selfalign.models import tiny_random_model
 
-    model, tokenizer = tiny_random_model()
+    # Heads of 32 dimensions (128 / 4), not tiny-random's 16: vLLM's CPU attention has kernels for
+    # 32 and up, and refuses 16 ("Unsupported CPU attention configuration: head_dim=16").
+    model, tokenizer = tiny_random_model(hidden_size=128)
     path = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -85,6 +87,15 @@ def vllm_module():
             del sys.modules[name]
 
 
+@pytest.fixture(scope="module")
+def vllm_backend(vllm_module, tiny_dir):
+    """One vLLM engine on the tiny model for this module's tests: a real one takes half a minute to
+    start (its engine and worker processes), and the stage test starts its own through engine_for."""
+    from selfalign.generation.vllm import VLLMBackend
+
+    return VLLMBackend(str(tiny_dir))
+
+
 class Settings:
     def __init__(self, backend, model, batch_size=8):
         self.backend, self.model, self.batch_size = backend, model, batch_size
@@ -92,23 +103,16 @@ class Settings:
 
 @pytest.fixture(params=["fake", "hf", "hf-static", "vllm"])
 def make_engine(request, tiny):
-    """A function batch_size -> Engine on one backend; all model backends run the same tiny model."""
+    """A function batch_size -> Engine on one backend; the model backends run tiny-random (vLLM with
+    wider heads: tiny_dir)."""
     kind = request.param
     if kind == "fake":
         return lambda batch_size: Engine(FakeBackend(), batch_size=batch_size, progress=False)
     if kind in ("hf", "hf-static"):
         return lambda batch_size: Engine.for_model(tiny, backend=kind, batch_size=batch_size, progress=False)
-    request.getfixturevalue("vllm_module")
-    path = request.getfixturevalue("tiny_dir")
-    made = {}
-
-    def vllm_engine(batch_size):
-        if "engine" not in made:  # one LLM per test: loading is what vLLM is slow at
-            made["engine"] = engine_for(Settings("vllm", str(path), batch_size), progress=False)
-        made["engine"].batch_size = batch_size
-        return made["engine"]
-
-    return vllm_engine
+    backend = request.getfixturevalue("vllm_backend")
+    return lambda batch_size: Engine(backend, batch_size=batch_size, context_length=backend.context_length,
+                                     progress=False)
 
 
 def test_stop_strings_cut_the_text_and_are_reported(make_engine):
@@ -209,10 +213,10 @@ def test_vllm_finish_reasons_map_onto_ours():
         completion_of(_output("x", [1], "abort"), 7, params)
 
 
-def test_vllm_refuses_what_it_cannot_do(vllm_module, tiny_dir):
+def test_vllm_refuses_what_it_cannot_do(vllm_backend, tiny_dir):
     from selfalign.generation.vllm import VLLMBackend
 
-    backend = VLLMBackend(str(tiny_dir))
+    backend = vllm_backend
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         backend.stream_batch(["hi"], SamplingParams(no_repeat_ngram_size=3), [0])
     with pytest.raises(ValueError, match=r"prompt.*set repetition_penalty to 1\.0"):
@@ -221,11 +225,10 @@ def test_vllm_refuses_what_it_cannot_do(vllm_module, tiny_dir):
         VLLMBackend(str(tiny_dir), tensor_parallel_size=0)
 
 
-def test_vllm_gets_logit_bias_as_token_ids(vllm_module, tiny_dir, monkeypatch):
+def test_vllm_gets_logit_bias_as_token_ids(vllm_backend, monkeypatch):
     from selfalign.generation import first_token_biases
-    from selfalign.generation.vllm import VLLMBackend
 
-    backend = VLLMBackend(str(tiny_dir))
+    backend = vllm_backend
     calls = []
     generate = backend.llm.generate
 
@@ -246,6 +249,34 @@ def test_vllm_gets_logit_bias_as_token_ids(vllm_module, tiny_dir, monkeypatch):
     sampling, outputs = calls[1]
     assert all(s.logit_bias == biases for s in sampling)
     assert all(token not in out.outputs[0].token_ids for out in outputs)
+
+
+def test_vllm_applies_a_lora_adapter_as_peft_does(vllm_module, tiny_dir, tmp_path):
+    """Stage 4's teacher: vLLM applies the adapter directory itself (a LoRARequest). Greedy answers
+    with and without it are the Hugging Face backend's, on the model with and without the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from selfalign.generation.vllm import VLLMBackend
+    from selfalign.models import load_model
+    from selfalign.training.adapters import adapted_for_generation
+
+    loaded = load_model(str(tiny_dir))
+    # Random A and B (peft's default B is zero, which would change nothing), on stage 3's targets.
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(load_model(str(tiny_dir)).model, lora).save_pretrained(tmp_path / "adapter")
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    with adapted_for_generation(loaded, tmp_path / "adapter") as teacher:
+        hf_adapted = Engine.for_model(teacher, batch_size=5, progress=False).generate(PROMPTS, params)
+    hf_base = Engine.for_model(loaded, batch_size=5, progress=False).generate(PROMPTS, params)
+    assert hf_adapted != hf_base  # the adapter changes the answers, so the comparison below can fail
+
+    backend = VLLMBackend(str(tiny_dir), adapter=str(tmp_path / "adapter"))
+    adapted = Engine(backend, batch_size=5, progress=False).generate(PROMPTS, params)
+    backend.lora = None  # the same engine, without the adapter
+    base = Engine(backend, batch_size=5, progress=False).generate(PROMPTS, params)
+    assert adapted == hf_adapted
+    assert base == hf_base
 
 
 def test_without_vllm_the_backend_says_how_to_install_it(tiny_dir, monkeypatch):

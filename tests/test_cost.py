@@ -124,3 +124,20 @@ def test_stage_costs_scale_with_the_prompt_count():
     # Every token count is proportional to the prompts, except the shared prefixes computed once.
     assert tenth["decode_tokens"].iloc[-1] * 10 == pytest.approx(full["decode_tokens"].iloc[-1], rel=1e-4)
     assert tenth["train_tokens"].iloc[-1] * 10 == pytest.approx(full["train_tokens"].iloc[-1], rel=1e-4)
+
+
+def test_replicas_divide_the_wall_time_not_the_gpu_hours():
+    stages = [cost.GenerationStage("g", outputs=1000, prompt_tokens=100, new_tokens=200),
+              cost.TrainingStage("t", examples=1000, tokens_per_example=1000)]
+    rate = cost.Throughput(prefill=10_000, decode=100)
+    one, four = (cost.cost_table(stages, cost.LLAMA_7B, rate, replicas=n, gpus_per_replica=2, train_gpus=8)
+                 .set_index("stage") for n in (1, 4))
+    assert list(one["gpu_hours"]) == list(four["gpu_hours"])
+    generation = (1000 * 100 / 10_000 + 1000 * 200 / 100) / 3600  # GPU-hours, as in the hand computation above
+    assert one.loc["g", "gpus"] == 2 and four.loc["g", "gpus"] == 8
+    assert one.loc["g", "wall_hours"] == pytest.approx(generation / 2)
+    assert four.loc["g", "wall_hours"] == pytest.approx(generation / 8)
+    assert four.loc["t", "wall_hours"] == one.loc["t", "wall_hours"] == pytest.approx(one.loc["t", "gpu_hours"] / 8)
+    assert four.loc["total", "wall_hours"] == pytest.approx(four.loc["g", "wall_hours"] + four.loc["t", "wall_hours"])
+    with pytest.raises(ValueError, match="replicas"):
+        cost.cost_table(stages, cost.LLAMA_7B, rate, replicas=0)

@@ -416,6 +416,11 @@ def check_scale(chapter):
     assert table["gpu_hours"].iloc[-1] == pytest.approx(stages["gpu_hours"].sum())
     (backends,) = chapter.frames("backend", "GPU-hours")
     assert len(backends) == 2 and backends["GPU-hours"].is_monotonic_decreasing
+    # Replicas: the wall time shrinks with them, the GPU-hours do not move.
+    assert (table["gpus"].iloc[:-1] > 0).all() and table["wall_hours"].iloc[-1] == pytest.approx(
+        (stages["gpu_hours"] / stages["gpus"]).sum())
+    (replicas,) = chapter.frames("replicas", "GPU-hours", "wall days")
+    assert replicas["GPU-hours"].nunique() == 1 and replicas["wall days"].is_monotonic_decreasing
 
 
 # ---- the "open the box" sections: each shows one example going through the stage's own functions ----

@@ -92,6 +92,10 @@ class Completion:
 
 
 class Backend(Protocol):
+    """A backend may also have `run_batches(batches, params, shared_prefix, max_prompt_tokens)`,
+    yielding each (prompts, seeds) batch's completions in order: the engine then hands it every
+    batch at once, so that it can run several together (replicas.py)."""
+
     name: str
 
     def count_tokens(self, texts: Sequence[str], shared_prefix: str | None = None) -> list[int]: ...

@@ -11,8 +11,10 @@ A prompt set that shares a long prefix (SELF-ALIGN's principles and exemplars) p
 
 `engine_for` builds the engine a stage's settings ask for. Backends implement
 `Backend.stream_batch`: the Hugging Face ones are in hf.py, vLLM's in vllm.py, which is imported
-only when chosen. This module does not decide what prompts say or where results go: the stages and
-`records` do; nor how a batch is decoded: the backends do.
+only when chosen; with `replicas` > 1, replicas.py runs the same batches on Ray actors, several at a
+time (a backend's optional `run_batches`), and is imported only then. This module does not decide
+what prompts say or where results go: the stages and `records` do; nor how a batch is decoded: the
+backends do.
 """
 
 from __future__ import annotations
@@ -99,12 +101,18 @@ class Engine:
         order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
         from tqdm.auto import tqdm
 
+        chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = (([prompts[i] for i in chunk], [prompt_seed(params.seed, keys[i]) for i in chunk])
+                   for chunk in chunks)
+        # A backend with several replicas (replicas.py) runs some batches at once, handing them back in order.
+        run_batches = getattr(self.backend, "run_batches", None)
+        if run_batches is not None:
+            results = run_batches(batches, params, shared_prefix, budget)
+        else:
+            results = (self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
+                       for texts, seeds in batches)
         with tqdm(total=len(prompts), unit="prompt", disable=not self.progress, desc="generating") as bar:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                texts = [prompts[i] for i in chunk]
-                seeds = [prompt_seed(params.seed, keys[i]) for i in chunk]
-                outputs = self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
+            for chunk, outputs in zip(chunks, results):
                 for index, completion in zip(chunk, outputs):
                     yield index, completion
                 bar.update(len(chunk))
@@ -113,7 +121,16 @@ class Engine:
 def engine_for(config, loaded=None, adapter: str | None = None, **options) -> Engine:
     """The engine a stage's settings ask for: their `backend`, `model` and `batch_size` (and, for
     vLLM, `tensor_parallel_size`). `loaded` reuses a loaded Hugging Face model; `adapter` is a LoRA
-    directory, which vLLM applies itself (the Hugging Face backends get an adapted `loaded`)."""
+    directory, which vLLM applies itself (the Hugging Face backends get an adapted `loaded`).
+
+    With `replicas` > 1 the batches run on that many Ray actors (replicas.py, joining `ray_address`),
+    each loading its own copy of the model and applying `adapter` itself: `loaded` is not used."""
+    if getattr(config, "replicas", 1) > 1:
+        from .replicas import ReplicaBackend, recipe_for
+
+        replicas = ReplicaBackend(recipe_for(config, adapter), config.replicas, engine_for,
+                                  getattr(config, "ray_address", ""))
+        return Engine(replicas, batch_size=config.batch_size, context_length=replicas.context_length, **options)
     backend = getattr(config, "backend", "hf")
     if backend in HF_BACKENDS:
         from ..models import load_model

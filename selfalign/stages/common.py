@@ -120,11 +120,11 @@ def refuse_stale(path: Path, items: Iterable[tuple[str, str]], earlier: dict[str
 
 
 def settings_of(config) -> dict:
-    """A stage's settings as its manifest records them: all but where it runs, how it batches and
-    on which backend (a run may resume on another; the records keep their shape). JSON-shaped, so
-    a resumed run compares equal (tuples -> lists)."""
+    """A stage's settings as its manifest records them: all but where it runs, how it batches, on
+    which backend and how many replicas (a run may resume on others; the records keep their
+    shape). JSON-shaped, so a resumed run compares equal (tuples -> lists)."""
     skip = ("run", "runs_dir", "restart", "allow_pickle", "batch_size", "max_batch_tokens", "backend",
-            "tensor_parallel_size")
+            "tensor_parallel_size", "replicas", "ray_address")
     return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip}))
 
 

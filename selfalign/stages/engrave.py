@@ -96,14 +96,14 @@ def run(config: EngraveConfig, loaded=None) -> dict:
                for r in rows]
     identity = load_identity(config.identity, chat) if config.identity else []
     data_hash = hashlib.sha256(source.read_bytes()).hexdigest()
-    if loaded is None:
+    if loaded is None or config.quantize:  # a model handed in is not the quantized one asked for
         check_model(config.model, quantize=config.quantize)
     if state.is_main_process:
         # The data's hash is a setting: new responses make a new training set, not a resumable one.
         stage.start({**settings_of(config), "data_sha256": data_hash, "chat_format": chat.to_dict(),
                      "identity_records": identity}, restart=config.restart)
     state.wait_for_everyone()
-    loaded = loaded or load_for_training(config.model, train_settings(config))
+    loaded = load_for_training(config.model, train_settings(config), loaded)
     # Only stage 2's answers are held out: the comparison measures how they moved into the weights.
     holdout = split_holdout([r["id"] for r in records], config.holdout, config.seed)
     records += identity

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from .. import evals as ev
 from ..chat_format import ChatFormat
-from ..generation import Engine, SamplingParams
-from ..config import StageSettings
+from ..generation import SamplingParams, engine_for
+from ..config import ReplicaSettings, StageSettings
 from ..models import load_model
 from ..records import Run, RunError, provenance
 from ..scoring import ModelScorer
@@ -50,7 +50,7 @@ DEFAULT_FORMAT_NOTE = ("default: the run records no chat format (no stage-3 mani
 
 
 @dataclass
-class EvaluateConfig(StageSettings):
+class EvaluateConfig(ReplicaSettings, StageSettings):  # replicas: the Vicuna answers'; scoring stays here
     benchmarks: tuple[str, ...] = BENCHMARKS
     limit: int = 10  # items sampled from each benchmark (0: all; TruthfulQA has 817, HHH 221, Vicuna 80)
     vicuna_limit: int = 2  # Vicuna questions (0: as limit); each model generates an answer to each
@@ -63,7 +63,7 @@ class EvaluateConfig(StageSettings):
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "vicuna_limit"),
-                     positive=("max_new_tokens", "batch_size", "max_batch_tokens"))
+                     positive=("max_new_tokens", "batch_size", "max_batch_tokens", "replicas"))
 
 
 def models_of(run_dir: Run) -> dict[str, Path | None]:
@@ -122,7 +122,7 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
                     result = _score(benchmark, scorer, data, chat)
                     _write(items, summary, result, label, benchmark)
                 if "vicuna" in config.benchmarks:
-                    answers[label] = _answer(stage, model, label, data["vicuna"], chat, config)
+                    answers[label] = _answer(stage, model, label, adapter, data["vicuna"], chat, config)
         if "vicuna" in config.benchmarks and len(models) > 1:
             judge = load_model(config.judge) if config.judge else loaded
             for label in [m for m in models if m != "base"]:
@@ -205,16 +205,19 @@ def _write(items, summary, result, label: str, unit: str) -> None:
                        "note": record.get("note") or ""})
 
 
-def _answer(stage, model, label: str, questions: list[dict], chat: ChatFormat, config) -> list[str]:
-    """Greedy answers of one model to the Vicuna questions (resumable), in question order."""
+def _answer(stage, model, label: str, adapter, questions: list[dict], chat: ChatFormat, config) -> list[str]:
+    """Greedy answers of one model (`model`, the base with `adapter` applied) to the Vicuna
+    questions (resumable), in question order; with replicas > 1 each replica applies `adapter`."""
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens, stop=(chat.stop,),
                             seed=config.seed)
     origin = provenance(f"{config.model}:{label}", params.to_dict(), config.seed)
     items = _vicuna_items(label, {"vicuna": questions}, chat)
     with stage.writer("calls.jsonl", "generation/1") as calls:
-        # Cut from the left, a long question still gets an answer, so nothing is dropped here.
-        generate_into(calls, items, Engine.for_model(model, batch_size=config.batch_size, truncate="left"), params,
-                      lambda key, text, completion: generation_record(key, text, completion, origin))
+        if any(key not in calls for key, _ in items):  # else no engine (nor replicas) to start
+            # Cut from the left, a long question still gets an answer, so nothing is dropped here.
+            engine = engine_for(config, model, adapter=str(adapter) if adapter else None, truncate="left")
+            generate_into(calls, items, engine, params,
+                          lambda key, text, completion: generation_record(key, text, completion, origin))
     by_key = {row["id"]: row["completion"].strip() for row in stage.read("calls.jsonl")}
     return [by_key[key] for key, _ in items]
 

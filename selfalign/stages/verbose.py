@@ -56,7 +56,8 @@ class VerboseConfig(TrainSettings, GenerationSettings):  # this order puts run, 
     def __post_init__(self):
         # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
         check_ranges(self, non_negative=("limit", "temperature", "no_repeat_ngram_size", "min_examples"),
-                     positive=("max_new_tokens", "repetition_penalty", "batch_size", "tensor_parallel_size"),
+                     positive=("max_new_tokens", "repetition_penalty", "batch_size", "tensor_parallel_size",
+                               "replicas"),
                      probabilities=("top_p",))
         check_backend(self.backend)
 
@@ -86,7 +87,7 @@ def run(config: VerboseConfig, loaded=None) -> dict:
         from ..generation.vllm import check_sampling
 
         check_sampling(params)  # before the manifest records these settings, not at the first batch
-    if loaded is None:
+    if loaded is None or config.quantize:  # a model handed in is not the quantized one asked for
         check_model(config.model, config.backend, config.quantize)
     prompts = [row for row in engraved.read("data.jsonl") if row["split"] != "dropped"][: config.limit or None]
     holdout = {row["id"] for row in prompts if row["split"] == "holdout"}
@@ -104,14 +105,14 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     if pending and state.num_processes > 1:
         raise RunError(f"{len(pending)} teacher answers are still to be generated; generate them in one process "
                        f"first (selfalign stage verbose --no-train), then train under accelerate launch")
-    if config.backend != "vllm":  # vLLM loads the model itself; the one for training can wait
-        loaded = loaded or load_for_training(config.model, train_settings(config))
+    if config.backend != "vllm" and config.replicas == 1:  # vLLM and replicas load their own; training can wait
+        loaded = load_for_training(config.model, train_settings(config), loaded)
     if state.is_main_process:
         _teach(stage, loaded, prompts, items, params, origin, config, run_dir)
     state.wait_for_everyone()
     if not config.train:
         return stage.manifest()
-    loaded = loaded or load_for_training(config.model, train_settings(config))
+    loaded = load_for_training(config.model, train_settings(config), loaded)
 
     answers = stage.read("answers.jsonl")
     counts = fit_and_compare(stage, loaded, answers, chat, config, holdout & {a["id"] for a in answers},
@@ -144,7 +145,7 @@ def _teach(stage, loaded, prompts, items, params, origin, config, run_dir) -> No
             options = dict(drops=drops, drop_fields=lambda key: {"prompt": source[key]["prompt"]},
                            prompts={key: row["prompt"] for key, row in source.items()})
             adapter = run_dir.stage("engrave").adapter
-            if config.backend == "vllm":
+            if config.backend == "vllm" or config.replicas > 1:  # applied where the model is, by vLLM or each replica
                 generate_into(calls, items, engine_for(config, adapter=str(adapter)), params, record, **options)
             else:
                 with adapted_for_generation(loaded, adapter) as teacher:

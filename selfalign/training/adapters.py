@@ -74,12 +74,13 @@ def adapted_for_generation(loaded: LoadedModel, adapter_dir: str | Path):
 
     In float32 the adapter is merged into the weights while generating (on a CPU the separate LoRA
     matmuls cost nearly as much as the base ones at 135M) and subtracted again afterwards; in
-    16-bit weights that round trip would leave rounding error in the base model, so it stays apart.
+    16-bit or quantized weights that round trip would leave rounding error in the base model (a
+    4-bit layer is dequantized, added to and quantized again), so it stays apart.
     """
     import torch
 
     adapted = apply_adapter(loaded, adapter_dir)
-    merge = next(loaded.model.parameters()).dtype == torch.float32
+    merge = all(p.dtype == torch.float32 for p in loaded.model.parameters())  # a 4-bit weight is uint8
     try:
         if merge:
             adapted.model.merge_adapter()

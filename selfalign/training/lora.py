@@ -54,10 +54,15 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
 
     base = loaded.model
     _check_targets(base, settings.target_modules)
-    if settings.quantize or getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+    _check_not_repacked(base)
+    # What the model is decides, not settings.quantize: a float base given QLoRA's preparation
+    # would only have its bf16 weights cast to float32.
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=settings.gradient_checkpointing)
+        # Non-reentrant checkpointing (torch's advice) needs no hook making the inputs require grad.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=settings.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
     elif settings.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
@@ -145,6 +150,7 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
         _strip_lora(model)
         if settings.gradient_checkpointing and getattr(loaded.model, "gradient_checkpointing_disable", None):
             loaded.model.gradient_checkpointing_disable()
+            loaded.model.disable_input_require_grads()  # the hook that checkpointing needed
         loaded.model.eval()
 
 
@@ -154,6 +160,18 @@ def _mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _check_not_repacked(model) -> None:
+    # bitsandbytes repacks 4-bit weights for its CPU inference kernel (models._load_directory says
+    # when), and a repacked layer passes no gradient back: training would move nothing.
+    repacked = [name for name, module in model.named_modules()
+                if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+                and getattr(module.weight.quant_state, "packing_format_for_cpu", False)]
+    if repacked:
+        raise ValueError(f"{len(repacked)} 4-bit layers ({repacked[0]}, ...) were repacked by bitsandbytes for CPU "
+                         "inference and would pass no gradient back; load the model with selfalign.models."
+                         "load_model(..., quantize='4bit'), which keeps them trainable")
 
 
 def _check_targets(model, targets) -> None:

@@ -38,7 +38,7 @@ class TrainSettings:
     keep_checkpoints: int = 2
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else none), no, bf16, fp16
     gradient_checkpointing: bool = False  # trade compute for activation memory (65B)
-    quantize: str = ""  # "": as loaded; "4bit": QLoRA (NF4 base, bitsandbytes) when the stage loads the model
+    quantize: str = ""  # "": as loaded; "4bit": QLoRA, an NF4 base (bitsandbytes; on a GPU or the CPU)
     device_map: str = ""  # "": one device per process; "auto": spread one process's model over all GPUs
     allow_pickle: bool = False  # resume from a checkpoint of torch pickles (FSDP's, older ones): they can run code
 
@@ -107,15 +107,20 @@ def batch_schedule(n_examples: int, settings: TrainSettings, seed: int, processe
     return [micro[s * per_step:(s + 1) * per_step] for s in range(steps)]
 
 
-def load_for_training(name: str, settings: TrainSettings) -> LoadedModel:
+def load_for_training(name: str, settings: TrainSettings, loaded: LoadedModel | None = None) -> LoadedModel:
     """Load the base model where this process will train it.
 
     Under `accelerate launch` with several processes the model is loaded on the CPU and accelerate
     moves it to each process's GPU (DDP) or shards it (FSDP); loading it straight to "cuda" would
     put every process's copy on GPU 0. A 4-bit model must be loaded onto its process's GPU.
+    A model handed in (`loaded`: a notebook's, or the one `selfalign run` shares between stages) is
+    used, unless settings.quantize asks for a quantized base that it is not: then this loads one.
     """
     from ..models import load_model
 
+    if loaded is not None and (not settings.quantize
+                               or getattr(loaded.model, f"is_loaded_in_{settings.quantize}", False)):
+        return loaded
     state = process_state()
     device_map = settings.device_map or None
     if settings.quantize and device_map is None and state.device.type == "cuda":

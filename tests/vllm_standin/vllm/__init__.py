@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 __version__ = "0.0.0+standin"
@@ -105,7 +106,9 @@ class LLM:
         if lora_request.lora_path not in self._adapters:
             from peft import PeftModel
 
-            self._adapters[lora_request.lora_path] = PeftModel.from_pretrained(self.model, lora_request.lora_path).eval()
+            # A copy: peft puts the LoRA layers into the model it is given, and the base stays in use.
+            base = copy.deepcopy(self.model)
+            self._adapters[lora_request.lora_path] = PeftModel.from_pretrained(base, lora_request.lora_path).eval()
         return self._adapters[lora_request.lora_path]
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, lora_request=None):
@@ -178,7 +181,8 @@ class LLM:
                 finish, reason = "stop", stop
                 break
         else:
-            text = self._tokenizer.decode(new, skip_special_tokens=params.skip_special_tokens)
+            # As vLLM's detokenizer: the bytes of a character not yet complete are held back.
+            text = self._tokenizer.decode(new, skip_special_tokens=params.skip_special_tokens).rstrip("\ufffd")
         if finish == "stop" and reason is None:
             text = self._tokenizer.decode(new, skip_special_tokens=params.skip_special_tokens)
         return CompletionOutput(0, text, new, None, None, finish, reason)
