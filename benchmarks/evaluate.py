@@ -6,6 +6,13 @@ does) and the batched variants run on the first --subset questions; the loop's t
 questions is extrapolated from its seconds per pair. The last row is the full MC1 run with the
 default scorer, timed for real. Prints a markdown table; also the largest difference between the
 batched and the looped log-likelihoods. Run: `.venv/bin/python benchmarks/evaluate.py`.
+
+`--hhh N` adds a second table: stage 5's BIG-bench HHH (N seeded items, all three modes, the A/B
+exam in the run's chat format) and the paper's TruthfulQA true/false exam (N questions), scored
+with no sharing between contexts and with the default scorer, which runs every stretch that
+contexts share once (a radix tree: the exam's instructions, then each dialogue under the two
+orders of its replies), taken in turns `--repeats` times. It counts the tokens each setting feeds
+the model (real and padded), so the saving shows whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -41,11 +48,19 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=0, help="questions in the full run (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--hhh", type=int, default=0, help="also HHH and the true/false exam on N items (0: not)")
+    parser.add_argument("--hhh-data", default=str(ev.DATA_DIR / "hhh_alignment"))
+    parser.add_argument("--repeats", type=int, default=2, help="turns of the HHH comparison")
+    parser.add_argument("--skip-mc1", action="store_true", help="only the HHH comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model)
+    if args.hhh:
+        shared_stretches(loaded, args)
+    if args.skip_mc1:
+        return
     templates = ev.load_templates()
     questions = ev.load_truthfulqa(args.data)
     everything = questions[: args.questions or None]
@@ -82,6 +97,52 @@ def main() -> None:
     print(f"\nMC1 = {result.summary.set_index('metric').loc['mc1', 'value']:.3f} on {len(everything)} questions; "
           f"largest |batched - loop| log-likelihood on the subset: {worst:.1e}; "
           f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+def shared_stretches(loaded, args) -> None:
+    """HHH and the true/false exam scored with and without sharing what contexts share."""
+    from selfalign.chat_format import ChatFormat
+    from selfalign.stages.evaluate import sample
+
+    chat = ChatFormat.load()
+    hhh = sample(ev.load_hhh(args.hhh_data), args.hhh, 0)
+    questions = sample(ev.load_truthfulqa(args.data), args.hhh, 0)
+    fed = {"real": 0, "padded": 0}
+    forward = loaded.model.forward
+
+    def counting(*positional, **keywords):
+        ids, mask = keywords["input_ids"], keywords.get("attention_mask")
+        fed["padded"] += ids.numel()
+        fed["real"] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+        return forward(*positional, **keywords)
+
+    loaded.model.forward = counting
+    settings = {"no sharing between contexts": {"share_prefix": False}, "shared stretches once (default)": {}}
+    measured = {label: [] for label in settings}
+    answers = {}
+    print(f"HHH: {len(hhh)} items, true/false exam: {len(questions)} questions; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    for turn in range(args.repeats):
+        for label, options in settings.items():
+            scorer = scoring.ModelScorer(loaded, batch_size=16, progress=False,
+                                         options={"max_batch_tokens": 2048, **options})
+            fed.update(real=0, padded=0)
+            (hhh_result, exam_result), seconds = timed(lambda scorer=scorer: (
+                ev.hhh_eval(scorer, hhh, chat=chat), ev.truthfulqa_mc_paper(scorer, questions, chat=chat)))
+            measured[label].append((seconds, fed["real"], fed["padded"]))
+            answers[label] = hhh_result.items["pref_ab"].tolist() + exam_result.items["best_true_logodds"].tolist()
+            print(f"  turn {turn}: {label}: {seconds:.1f} s", flush=True)
+    loaded.model.forward = forward
+    base = min(s for s, _, _ in measured["no sharing between contexts"])
+    print("\n| scorer | tokens run (real) | with padding | seconds (each turn) | best vs no sharing |")
+    print("|---|---:|---:|---|---:|")
+    for label, runs in measured.items():
+        best = min(s for s, _, _ in runs)
+        print(f"| {label} | {runs[0][1]} | {runs[0][2]} | {', '.join(f'{s:.1f}' for s, _, _ in runs)} | "
+              f"{base / best:.2f}x |")
+    first, second = answers.values()
+    print(f"\nlargest difference between the two settings' preferences and log-odds: "
+          f"{max(abs(a - b) for a, b in zip(first, second)):.1e}; load average at end {os.getloadavg()[0]:.1f}\n")
 
 
 if __name__ == "__main__":

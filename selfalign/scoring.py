@@ -2,11 +2,12 @@
 
 `score_choices` is the one scoring engine: (context, continuation) pairs in, the summed log-prob of
 each continuation's tokens out (with its token, character and byte counts, for length-normalized
-scores). One forward pass scores many pairs. The token prefix that all contexts share (a few-shot
-primer, an exam's instructions) is run once; each distinct context is then run once, its last
-position scores every continuation's first token (all a one-token label like " A" needs), and the
-rest of each continuation is run from the context's key/value cache, batched with continuations of
-similar length. Numbers do not depend on the batch size or the padding side: tests/test_scoring.py
+scores). One forward pass scores many pairs. What contexts share is run once: the prefix of all of
+them (a few-shot primer, an exam's instructions) and, recursively, what any subset shares after it
+(one dialogue under the two orders of an A/B exam), as a radix tree of token ids; each distinct
+context is then run once, its last position scores every continuation's first token (all a
+one-token label like " A" needs), and the rest of each continuation is run from the context's
+key/value cache, batched with continuations of similar length. Numbers do not depend on the batch size or the padding side: tests/test_scoring.py
 checks them against `score_one_by_one`, the plain loop (benchmarks/evaluate.py times both).
 
 A scorer is any callable from a list of pairs to a list of `Score`s; `ModelScorer` makes one of a
@@ -82,7 +83,8 @@ def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress:
     batch_size: rows per forward pass (and contexts per context pass). padding_side: "left" or
     "right" changes the layout, never the numbers (the tokenizer's own setting is not used); left
     puts every row's scored tokens at the end, so the fewest logits are computed. share_prefix: run
-    the token prefix common to all contexts once. share_context: run each distinct context once and
+    the token prefix common to all contexts once, and what any subset of them shares after it
+    (`_score_tree`). share_context: run each distinct context once and
     score its continuations from its cache. Both are switched off for sliding-window models, whose
     caches drop old tokens; with both off, each pair is one row of a length-sorted batch.
     max_batch_tokens: also cap rows x padded width per pass. Benchmarks mix 50-token and
@@ -122,43 +124,79 @@ def score_encoded(model, encoded: Sequence[tuple[list[int], list[int]]], *, batc
     groups: dict = {}  # context -> its requests (each request alone without share_context)
     for index, (ctx, _) in enumerate(encoded):
         groups.setdefault(tuple(ctx) if share_context else index, []).append(index)
+    logprobs = [0.0] * len(encoded)
+    options = dict(batch_size=batch_size, side=side, share_prefix=share_prefix, share_context=share_context,
+                   max_batch_tokens=max_batch_tokens)
+    with torch.inference_mode(), tqdm(total=len(encoded), disable=not progress, desc="scoring", unit="choice") as bar:
+        _score_tree(model, encoded, list(groups.values()), 0, None, logprobs, bar, options)
+    return logprobs
+
+
+def _score_tree(model, encoded, contexts: list[list[int]], start: int, past: _Past | None, logprobs: list[float],
+                bar, options: dict) -> None:
+    """Score `contexts` (each a list of the requests with one context), whose first `start` tokens
+    are the same and already run (`past`, one row; None when start is 0).
+
+    With share_prefix, what they share next runs once, and recursively what any subset shares after
+    that (a radix tree of token ids): TruthfulQA's primer, an exam's instructions, then each HHH
+    dialogue under the two orders of its replies. The contexts left alone at a node run as batches
+    after its cache. Only a stretch of `SHARED_LEAST` tokens or more is shared.
+    """
+    if options["share_prefix"] and len(contexts) > 1:
+        shared = _common_prefix([encoded[m[0]][0][start:] for m in contexts])
+        if shared:
+            past = _forward(model, [shared], past, "left", keep=1)[1]
+            start += len(shared)
+        subtrees: dict = {}
+        for members in contexts:
+            ids = encoded[members[0]][0]
+            # Contexts that share SHARED_LEAST more tokens (and keep their last one) share a subtree.
+            key = tuple(ids[start:start + SHARED_LEAST]) if len(ids) - start > SHARED_LEAST else members[0]
+            subtrees.setdefault(key, []).append(members)
+        leaves = []
+        for subtree in subtrees.values():
+            if len(subtree) > 1:
+                _score_tree(model, encoded, subtree, start, past, logprobs, bar, options)
+            else:
+                leaves += subtree
+    else:
+        leaves = contexts
+    _score_leaves(model, encoded, leaves, start, past, logprobs, bar, **options)
+
+
+def _score_leaves(model, encoded, contexts, start, prefix_past, logprobs, bar, *, batch_size, side, share_prefix,
+                  share_context, max_batch_tokens) -> None:
+    """Contexts after the same `start` tokens (`prefix_past`), in batches of similar width; then
+    their continuations, from each context's cache (share_context) or as part of its row."""
     # Longest first, so that a batch too big for memory fails at once, not at the end; similar
     # lengths then share a batch, which matters because padding costs as much as a token.
-    contexts = sorted(groups.values(), key=lambda members: (-len(encoded[members[0]][0]) - (
-        0 if share_context else len(encoded[members[0]][1])), members[0]))
-    prefix = _common_prefix([encoded[m[0]][0] for m in contexts]) if share_prefix and len(contexts) > 1 else []
-
-    logprobs = [0.0] * len(encoded)
-    with torch.inference_mode(), tqdm(total=len(encoded), disable=not progress, desc="scoring", unit="choice") as bar:
-        prefix_past = _forward(model, [prefix], None, side, keep=1)[1] if prefix else None
-        context_width = (lambda members: len(encoded[members[0]][0]) - len(prefix) + (
-            0 if share_context else len(encoded[members[0]][1])))
-        for group in _batches(contexts, context_width, batch_size, max_batch_tokens):
-            heads = [encoded[members[0]][0] for members in group]
-            past = prefix_past.expand(len(group)) if prefix_past else None
-            # A row: (context in group, request, tokens to feed, the tokens its last positions predict).
-            if share_context:
-                # Each context runs once; its last position predicts every continuation's first
-                # token, so a one-token continuation (" A", " True") needs no pass of its own.
-                first_logprobs, past = _last_logprobs(model, [ids[len(prefix):] for ids in heads], past, side)
-                rows = []
-                for g, members in enumerate(group):
-                    for i in members:
-                        cont = encoded[i][1]
-                        logprobs[i] = float(first_logprobs[g, cont[0]]) if cont else 0.0
-                        rows.append((g, i, cont[:-1], cont[1:]))
-            else:
-                rows = [(g, m[0], heads[g][len(prefix):] + encoded[m[0]][1][:-1], encoded[m[0]][1])
-                        for g, m in enumerate(group)]
-            # Similar lengths share a pass: padding costs as much as a token.
-            rows = sorted((r for r in rows if r[3]), key=lambda r: -len(r[2]))
-            for chunk in _batches(rows, lambda r: len(r[2]), batch_size, max_batch_tokens):
-                sub = past.select([r[0] for r in chunk]) if past else None
-                values = _target_logprobs(model, [r[2] for r in chunk], [r[3] for r in chunk], sub, side)
-                for row, value in zip(chunk, values):
-                    logprobs[row[1]] += value
-            bar.update(sum(len(members) for members in group))
-    return logprobs
+    width = (lambda members: len(encoded[members[0]][0]) - start + (0 if share_context else len(encoded[members[0]][1])))
+    contexts = sorted(contexts, key=lambda members: (-width(members), members[0]))
+    for group in _batches(contexts, width, batch_size, max_batch_tokens):
+        heads = [encoded[members[0]][0] for members in group]
+        past = prefix_past.expand(len(group)) if prefix_past else None
+        # A row: (context in group, request, tokens to feed, the tokens its last positions predict).
+        if share_context:
+            # Each context runs once; its last position predicts every continuation's first
+            # token, so a one-token continuation (" A", " True") needs no pass of its own.
+            first_logprobs, past = _last_logprobs(model, [ids[start:] for ids in heads], past, side)
+            rows = []
+            for g, members in enumerate(group):
+                for i in members:
+                    cont = encoded[i][1]
+                    logprobs[i] = float(first_logprobs[g, cont[0]]) if cont else 0.0
+                    rows.append((g, i, cont[:-1], cont[1:]))
+        else:
+            rows = [(g, m[0], heads[g][start:] + encoded[m[0]][1][:-1], encoded[m[0]][1])
+                    for g, m in enumerate(group)]
+        # Similar lengths share a pass: padding costs as much as a token.
+        rows = sorted((r for r in rows if r[3]), key=lambda r: -len(r[2]))
+        for chunk in _batches(rows, lambda r: len(r[2]), batch_size, max_batch_tokens):
+            sub = past.select([r[0] for r in chunk]) if past else None
+            values = _target_logprobs(model, [r[2] for r in chunk], [r[3] for r in chunk], sub, side)
+            for row, value in zip(chunk, values):
+                logprobs[row[1]] += value
+        bar.update(sum(len(members) for members in group))
 
 
 def score_branches(model, encoded: Sequence[tuple[list[int], list[int]]], *, progress: bool = True) -> list[float]:
@@ -224,13 +262,22 @@ def _cache_of(model, past: _Past):
     return cache
 
 
+PADDING_SLACK = (16, 0.25)  # with a token budget, a row joins a batch padded by at most max(16 tokens, 25%)
+
+
 def _batches(items: list, width, batch_size: int, max_tokens: int | None):
     """Consecutive runs of `items` (sorted widest first) of at most batch_size items and, when
-    max_tokens is set, at most max_tokens padded tokens (an item wider than that goes alone)."""
+    max_tokens is set, at most max_tokens padded tokens (an item wider than that goes alone).
+
+    A token budget says that padding costs as much as a token (a CPU), so then an item also starts
+    a new batch where it would be padded by more than PADDING_SLACK: HHH's replies run from 10 to
+    570 tokens, and a short one padded to a long one's width cost more than it saved."""
     batch: list = []
+    tokens, share = PADDING_SLACK
     for item in items:
         if batch and (len(batch) == batch_size or
-                      (max_tokens is not None and (len(batch) + 1) * width(batch[0]) > max_tokens)):
+                      (max_tokens is not None and ((len(batch) + 1) * width(batch[0]) > max_tokens
+                                                   or width(batch[0]) - width(item) > max(tokens, share * width(batch[0]))))):
             yield batch
             batch = []
         batch.append(item)
@@ -320,7 +367,10 @@ def _target_logprobs(model, feeds, targets, past, side) -> list[float]:
     return values
 
 
-def _common_prefix(sequences: list[list[int]], least: int = 8) -> list[int]:
+SHARED_LEAST = 8  # tokens: a shorter shared stretch is not worth a pass of its own
+
+
+def _common_prefix(sequences: list[list[int]], least: int = SHARED_LEAST) -> list[int]:
     # Every context keeps its last token out of the prefix: it must predict a continuation's first.
     length = min(len(s) for s in sequences) - 1
     first = sequences[0]

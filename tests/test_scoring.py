@@ -60,6 +60,9 @@ def test_batches_respect_the_count_and_the_token_budget():
     # 10 padded tokens: 9 alone (2 x 9 > 10), 7 alone, then 5 + 5, then 3 + 2 + 2 (3 rows x 3 wide)
     assert list(scoring._batches(widths, lambda w: w, 8, 10)) == [[9], [7], [5, 5], [3, 2, 2], [1]]
     assert list(scoring._batches([20, 1], lambda w: w, 8, 10)) == [[20], [1]]
+    # With a budget, a row is not padded by more than max(16 tokens, a quarter of the batch's width).
+    assert list(scoring._batches([569, 146, 130, 100, 20, 5], lambda w: w, 8, 4096)) == [[569], [146, 130], [100], [20, 5]]
+    assert list(scoring._batches([569, 146, 130, 100, 20, 5], lambda w: w, 8, None)) == [[569, 146, 130, 100, 20, 5]]
 
 
 @pytest.mark.parametrize("share_prefix,share_context", [(False, False), (True, False), (False, True)])
@@ -129,3 +132,45 @@ def test_embedded_model_batched_matches_loop_on_truthfulqa(shared_data, monkeypa
     assert max(abs(g.logprob - e.logprob) for g, e in zip(got, expected)) < 1e-3  # float32 over 30 layers
     result = ev.truthfulqa_mc(loaded, questions, progress=False)
     assert result.items["mc2"].between(0, 1).all()
+
+
+# --- what contexts share runs once --------------------------------------------------------------
+
+EXAM = "Below is a conversation and two replies; pick the better one.\n"
+DIALOGUE = "Human: how do I bake bread at home without a bread machine?\n"
+NESTED = [(EXAM + DIALOGUE + "Reply A: knead it. Reply B: buy it.", " A"),
+          (EXAM + DIALOGUE + "Reply A: knead it. Reply B: buy it.", " B"),
+          (EXAM + DIALOGUE + "Reply A: buy it. Reply B: knead it.", " A"),
+          (EXAM + "Human: hi\n" + "Reply A: hello. Reply B: go away.", " A and more"),
+          ("Human: a dialogue of another layout", " and its answer")]
+
+
+def _fed_tokens(model, monkeypatch) -> list[int]:
+    """Counts the real (unpadded) tokens each forward pass of `model` is given."""
+    fed, forward = [], model.forward
+
+    def counting(*args, **kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        fed.append(int(mask[:, -ids.shape[1]:].sum()) if mask is not None and mask.dim() == 2 else ids.numel())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    return fed
+
+
+def test_what_a_subset_of_contexts_shares_runs_once(tiny, monkeypatch):
+    """An exam's instructions shared by three distinct contexts (a fourth has another layout) and a
+    dialogue shared by two of them: each stretch runs once (a radix tree), and the numbers are
+    those of one pair at a time. The old scorer shared only what all contexts share: nothing here."""
+    expected = scoring.score_one_by_one(tiny.model, tiny.tokenizer, NESTED)
+    fed = _fed_tokens(tiny.model, monkeypatch)
+    unshared = scoring.score_choices(tiny.model, tiny.tokenizer, NESTED, share_prefix=False, progress=False)
+    alone = sum(fed)
+    fed.clear()
+    shared = scoring.score_choices(tiny.model, tiny.tokenizer, NESTED, batch_size=2, progress=False)
+    for got in (unshared, shared):
+        assert max(abs(g.logprob - e.logprob) for g, e in zip(got, expected)) < 1e-5
+    exam, dialogue = (len(tiny.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (EXAM, DIALOGUE))
+    # The instructions run once instead of three times (three distinct contexts hold them), the
+    # dialogue once instead of twice: sharing only the prefix of all contexts would save less.
+    assert sum(fed) <= alone - 2 * exam - dialogue
