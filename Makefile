@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny
 
-.PHONY: setup setup-run setup-book browser test test-quick run book benchmark vllm test-vllm clean
+.PHONY: setup setup-run setup-book browser test test-quick run book lab benchmark vllm test-vllm clean
 
 setup: $(VENV)/.installed
 setup-run: $(VENV)/.installed-run
@@ -78,6 +78,10 @@ run: setup-run
 # The HTML book from the executed notebooks of the last `make run` (nothing is re-executed).
 book: setup-book
 	$(BIN)/selfalign book --run $(RUN)
+
+# Chapter 6 live, for its widgets (JupyterLab comes with the dev tools).
+lab: setup
+	$(BIN)/jupyter lab notebooks/06_explore_principles.ipynb
 
 benchmark: setup-run
 	$(BIN)/python benchmarks/generation.py
