@@ -58,8 +58,7 @@ class LeaveOneOutConfig(GenerationSettings):
     loo_scores: bool = True  # score each answer's principle_scores (the likelihood of citing each principle)
 
     def __post_init__(self):
-        check_ranges(self, positive=("loo_prompts", "loo_max_new_tokens", "batch_size", "tensor_parallel_size",
-                                     "replicas"))
+        check_ranges(self, positive=("loo_prompts", "loo_max_new_tokens"))
         check_backend(self.backend)
         try:  # the command line hands the numbers over as text
             self.loo_principles = tuple(int(n) for n in self.loo_principles)

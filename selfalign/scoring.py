@@ -125,10 +125,12 @@ def score_encoded(model, encoded: Sequence[tuple[list[int], list[int]]], *, batc
     for index, (ctx, _) in enumerate(encoded):
         groups.setdefault(tuple(ctx) if share_context else index, []).append(index)
     logprobs = [0.0] * len(encoded)
-    options = dict(batch_size=batch_size, side=side, share_prefix=share_prefix, share_context=share_context,
-                   max_batch_tokens=max_batch_tokens)
+    options = dict(batch_size=batch_size, side=side, share_context=share_context, max_batch_tokens=max_batch_tokens)
     with torch.inference_mode(), tqdm(total=len(encoded), disable=not progress, desc="scoring", unit="choice") as bar:
-        _score_tree(model, encoded, list(groups.values()), 0, None, logprobs, bar, options)
+        if share_prefix:
+            _score_tree(model, encoded, list(groups.values()), 0, None, logprobs, bar, options)
+        else:
+            _score_leaves(model, encoded, list(groups.values()), 0, None, logprobs, bar, **options)
     return logprobs
 
 
@@ -137,12 +139,13 @@ def _score_tree(model, encoded, contexts: list[list[int]], start: int, past: _Pa
     """Score `contexts` (each a list of the requests with one context), whose first `start` tokens
     are the same and already run (`past`, one row; None when start is 0).
 
-    With share_prefix, what they share next runs once, and recursively what any subset shares after
-    that (a radix tree of token ids): TruthfulQA's primer, an exam's instructions, then each HHH
-    dialogue under the two orders of its replies. The contexts left alone at a node run as batches
-    after its cache. Only a stretch of `SHARED_LEAST` tokens or more is shared.
+    What they share next runs once, and recursively what any subset shares after that (a radix
+    tree of token ids): TruthfulQA's primer, an exam's instructions, then each HHH dialogue under
+    the two orders of its replies. The contexts left alone at a node run as batches after its
+    cache. Only a stretch of `SHARED_LEAST` tokens or more is shared.
     """
-    if options["share_prefix"] and len(contexts) > 1:
+    leaves = contexts
+    if len(contexts) > 1:
         shared = _common_prefix([encoded[m[0]][0][start:] for m in contexts])
         if shared:
             past = _forward(model, [shared], past, "left", keep=1)[1]
@@ -153,19 +156,14 @@ def _score_tree(model, encoded, contexts: list[list[int]], start: int, past: _Pa
             # Contexts that share SHARED_LEAST more tokens (and keep their last one) share a subtree.
             key = tuple(ids[start:start + SHARED_LEAST]) if len(ids) - start > SHARED_LEAST else members[0]
             subtrees.setdefault(key, []).append(members)
-        leaves = []
-        for subtree in subtrees.values():
-            if len(subtree) > 1:
-                _score_tree(model, encoded, subtree, start, past, logprobs, bar, options)
-            else:
-                leaves += subtree
-    else:
-        leaves = contexts
+        leaves = [subtree[0] for subtree in subtrees.values() if len(subtree) == 1]
+        for subtree in (subtree for subtree in subtrees.values() if len(subtree) > 1):
+            _score_tree(model, encoded, subtree, start, past, logprobs, bar, options)
     _score_leaves(model, encoded, leaves, start, past, logprobs, bar, **options)
 
 
-def _score_leaves(model, encoded, contexts, start, prefix_past, logprobs, bar, *, batch_size, side, share_prefix,
-                  share_context, max_batch_tokens) -> None:
+def _score_leaves(model, encoded, contexts, start, prefix_past, logprobs, bar, *, batch_size, side, share_context,
+                  max_batch_tokens) -> None:
     """Contexts after the same `start` tokens (`prefix_past`), in batches of similar width; then
     their continuations, from each context's cache (share_context) or as part of its row."""
     # Longest first, so that a batch too big for memory fails at once, not at the end; similar

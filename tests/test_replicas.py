@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, kill_once_written
 from selfalign.ablation import LeaveOneOutConfig
 from selfalign.generation import engine_for
 from selfalign.profiles import STAGES
@@ -250,16 +250,7 @@ def test_a_stage_killed_at_one_replica_resumes_on_two_to_the_same_records(ray_cp
                "--model", "tiny-random", "--prompts", SEEDS, "--limit", "12", "--max-new-tokens", "24",
                "--batch-size", "1", "--replicas", "1"]
     calls = tmp_path / "r" / "self_align" / "calls.jsonl"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if calls.exists() and calls.read_text().count("\n") >= 4:
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, f"the stage ended before it could be killed: {process.stderr.read()[-2000:]}"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = calls.read_text().count("\n")
+    written = kill_once_written(command, calls, 4, timeout=300)
     assert 4 <= written < 12
     manifest = stage_two(tmp_path, replicas=2, limit=12)  # the same settings but for the replica count
     assert manifest["status"] == "finished"

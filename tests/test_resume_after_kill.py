@@ -2,11 +2,11 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
+
+from conftest import kill_once_written
 
 
 def stage_command(tmp_path, prompts_file):
@@ -21,17 +21,7 @@ def test_sigkill_then_rerun_gives_each_record_once(tmp_path):
                                     for i in range(80)))
     answers = tmp_path / "runs" / "killed" / "baseline" / "answers.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(stage_command(tmp_path, prompts_file), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if answers.exists() and answers.read_text().count("\n") >= 5:
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    partial = answers.read_text().count("\n")
+    partial = kill_once_written(stage_command(tmp_path, prompts_file), answers, 5, env=env)
     assert 5 <= partial < 80
     manifest = json.loads((answers.parent / "manifest.json").read_text())
     assert manifest["status"] == "running"

@@ -35,8 +35,8 @@ class BaselineConfig(GenerationSettings):
     max_new_tokens: int = 64
 
     def __post_init__(self):
-        check_ranges(self, non_negative=("limit", "temperature"), positive=("max_new_tokens", "batch_size",
-                     "tensor_parallel_size", "replicas"), probabilities=("top_p",))
+        check_ranges(self, non_negative=("limit", "temperature"), positive=("max_new_tokens",),
+                     probabilities=("top_p",))
         check_backend(self.backend)
 
 

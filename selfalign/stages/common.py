@@ -147,12 +147,16 @@ def check_resume(stage, settings: dict, restart: bool, filename: str, items: Ite
     refuse_stale(path, items, on_disk(path, stage.path / drops if drops else None), prompts)
 
 
+SHARED_SIZES = ("batch_size", "tensor_parallel_size", "replicas")  # fields of config.py's shared settings
+
+
 def check_ranges(config, non_negative: Iterable[str] = (), positive: Iterable[str] = (),
                  probabilities: Iterable[str] = ()) -> None:
     """ValueError naming each field out of range, with its value: counts, limits and budgets in
-    `non_negative` (where 0 keeps a meaning, such as limit 0 = all), sizes in `positive`, and
-    probabilities such as top_p in (0, 1]. Stage configs call it from `__post_init__`, so a bad
-    value stops a command before it writes anything."""
+    `non_negative` (where 0 keeps a meaning, such as limit 0 = all), sizes in `positive` and in
+    `SHARED_SIZES` (where the config has them), and probabilities such as top_p in (0, 1]. Stage
+    configs call it from `__post_init__`, so a bad value stops a command before it writes anything."""
+    positive = [*positive, *(name for name in SHARED_SIZES if hasattr(config, name) and name not in positive)]
     rules = ((non_negative, lambda v: v >= 0, ">= 0"), (positive, lambda v: v > 0, "> 0"),
              (probabilities, lambda v: 0 < v <= 1, "in (0, 1]"))
     problems = []

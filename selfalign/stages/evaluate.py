@@ -63,7 +63,7 @@ class EvaluateConfig(ReplicaSettings, StageSettings):  # replicas: the Vicuna an
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "vicuna_limit"),
-                     positive=("max_new_tokens", "batch_size", "max_batch_tokens", "replicas"))
+                     positive=("max_new_tokens", "max_batch_tokens"))
 
 
 def models_of(run_dir: Run) -> dict[str, Path | None]:

@@ -89,7 +89,7 @@ class PromptsConfig(GenerationSettings):
                                          "max_words", "temperature"),
                      positive=("calls_per_round", "topic_max_words", "brainstorm_calls", "k_seed_questions",
                                "questions_per_request", "list_max_new_tokens", "topic_max_new_tokens",
-                               "question_max_new_tokens", "batch_size", "tensor_parallel_size", "replicas"),
+                               "question_max_new_tokens"),
                      probabilities=("list_top_p", "question_top_p"))
         check_backend(self.backend)
 

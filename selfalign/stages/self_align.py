@@ -68,8 +68,7 @@ class SelfAlignConfig(GenerationSettings):
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "temperature", "min_answer_words", "max_answer_sentences"),
-                     positive=("max_new_tokens", "batch_size", "tensor_parallel_size", "replicas",
-                               "max_thought_sentences"),
+                     positive=("max_new_tokens", "max_thought_sentences"),
                      probabilities=("top_p",))
         check_backend(self.backend)
 

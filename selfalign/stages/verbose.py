@@ -56,8 +56,7 @@ class VerboseConfig(TrainSettings, GenerationSettings):  # this order puts run, 
     def __post_init__(self):
         # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
         check_ranges(self, non_negative=("limit", "temperature", "no_repeat_ngram_size", "min_examples"),
-                     positive=("max_new_tokens", "repetition_penalty", "batch_size", "tensor_parallel_size",
-                               "replicas"),
+                     positive=("max_new_tokens", "repetition_penalty"),
                      probabilities=("top_p",))
         check_backend(self.backend)
 
