@@ -20,11 +20,10 @@
 # **What this chapter does.** It asks what each of the sixteen principles does to stage 2's
 # answers, first as one experiment that runs headless, then with instruments you drive yourself:
 #
-# - **leave-one-out**: a few of the run's prompts answered with all principles and then without
-#   each one in turn (the same seeds; the book leaves out two principles, the `small` and `full`
-#   profiles all sixteen), and per principle how many responses changed, how much of each
-#   survived, how far the model's preference among the remaining citations moved, and which
-#   red-team type moved most;
+# - **leave-one-out**: a few of the run's prompts answered with all sixteen principles and then
+#   without each one in turn (the same seeds), and per principle how many responses changed, how
+#   much of each survived, how far the model's preference among the remaining citations moved,
+#   and which red-team type moved most;
 # - **static results** of the three widgets below, so that the built book shows them: one
 #   principle edit with its answers before and after, the trigger heatmap with the responses of
 #   its largest cell, and the heatmap of the citations the model finds likely;
@@ -54,7 +53,7 @@ runs_dir: str = "runs"  # where run directories live
 model: str = "smollm2-135m-instruct"  # the model that answers the leave-one-out prompts and regenerates
 loo_prompts: int = 2  # prompts every leave-one-out variant answers (17 variants)
 loo_max_new_tokens: int = 96  # per leave-one-out response; the sampling is otherwise stage 2's
-loo_principles: list = [1, 7]  # the principles left out one at a time; []: every one (the small and full profiles)
+loo_principles: list = []  # the principles left out one at a time; []: every one
 loo_scores: bool = True  # score each answer's likelihood of citing each principle
 regenerate_prompts: int = 3  # prompts the editor answers before and after an edit
 max_new_tokens: int = 160  # per editor answer, as in stage 2
@@ -84,12 +83,17 @@ pd.DataFrame(records, columns=["status", "type"]).fillna({"type": widgets.SELF_I
 # before a second of any), and answers them under stage 2's own settings and principles, its
 # format grammar included, with `loo_max_new_tokens` per answer: once with all sixteen
 # principles, then once without each principle of `loo_principles` (its rule line and its
-# citations in the exemplars are gone, and its grammar cannot cite it). Every variant recomputes
-# its own prompt prefix, so every principle left out costs a prefix and a short decode: on this
-# project's 2 CPU cores the book leaves out two (principles 1 and 7, about two minutes), and the
-# `small` and `full` profiles (or `-p loo_principles []`) all sixteen. Each variant is appended to
+# citations in the exemplars are gone, and its grammar cannot cite it). Seventeen prompt
+# prefixes of 2,500 tokens would be most of the cost, but they are not seventeen times new: a
+# variant's prefix is the full set's up to the rule it leaves out, so it starts from the full
+# set's key/value cache and runs only the rest (`generation.cache.PrefixStore`, like a serving
+# engine's prefix cache). Variants are then decoded several at a time, each row attending to its
+# own variant's prefix (`Engine.generate_groups`), and the likelihood scores start from the same
+# caches. On this project's 2 CPU cores the seventeen variants take about two and a half minutes
+# (benchmarks/RESULTS.md). Each chunk of variants is appended to
 # `runs/<run>/leave_one_out/answers.jsonl` when it finishes, and a rerun resumes.
-# `selfalign leave-one-out --run RUN` runs the same from the command line.
+# `selfalign leave-one-out --run RUN` runs the same from the command line
+# (`-p loo_principles [1,7]` leaves out only those).
 #
 # A response here is the whole continuation: the thoughts, the rules they cite and as much of the
 # answer as `loo_max_new_tokens` leaves room for (the book's 96 tokens reach a sentence or two
@@ -117,19 +121,22 @@ ablation.plot_leave_one_out(summary);
 # of 2,500 tokens, not as what each principle means. Removing any principle changes the prompt,
 # and sampling at stage 2's temperature lets that change ripple through everything after it, so
 # a removal "moves" responses that have nothing to do with it, and with two prompts one changed
-# response decides a row. Run over all sixteen principles (`-p loo_principles []`) on two
-# prompts at 48 tokens, 14 of the 16 removals changed at least one response, most often a
-# self-instruct prompt that had nothing to do with the principle: such a ranking is mostly noise.
-# Leaving 1 *Ethical* out is the test that should mean something, on a harmful request; in the
-# runs this chapter was written against, the full set's thoughts did not cite 1 there to begin
-# with, so there was little for its removal to take away. The likelihood shift on the right is
-# the more telling column, because it does not depend on a sampled token: it is near 0 where the
-# model only handed the missing principle's share to the others in proportion, and large where
-# its preference among the *remaining* principles moved. In one run, removing 1 *Ethical* left
-# both responses word for word the same and still moved that preference (a TV distance of about
-# 0.27). Neither column is evidence that the model *follows* a principle; a 65B model, and more
-# prompts (`selfalign run --profile small`, or `-p loo_prompts 16`), are what would turn them
-# into one. The `full` profile answers 64 prompts at the paper's answer length.
+# response decides a row. The cell below counts the removals that changed a response at all: in
+# the runs this chapter was written against, every one did, often on a self-instruct prompt
+# that no principle is about, so the left-hand ranking is mostly noise. The likelihood
+# shift on the right is the more telling column, because it does not depend on a sampled token:
+# it is near 0 where the model only handed the missing principle's share to the others in
+# proportion, and large where its preference among the *remaining* principles moved. Neither
+# column is evidence that the model *follows* a principle; a 65B model, and more prompts
+# (`selfalign run --profile small`, or `-p loo_prompts 16`), are what would turn them into one.
+# The `full` profile answers 64 prompts at the paper's answer length.
+
+# %%
+moved = int((summary["changed"] > 0).sum())
+shifts = summary["score_shift"].dropna()
+print(f"{moved} of {len(summary)} removals changed at least one of the {answers['key'].nunique()} responses; "
+      f"{int((summary['triggers_changed'] > 0).sum())} changed which principles a response cites"
+      + (f"; the likelihood shift ran from {shifts.min():.2f} to {shifts.max():.2f}" if len(shifts) else ""))
 
 # %% [markdown]
 # ## The widgets' results, for the page

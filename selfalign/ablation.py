@@ -10,10 +10,12 @@
 
 Every variant samples as stage 2 does (`self_align.sampling`), under its own format grammar where
 stage 2 constrains the format (so it cannot cite the principle it was not shown), and seeds each
-prompt by the same key, so that a difference comes from the principles, not from a new draw. A
-variant's rows are appended to the JSONL file as the variant finishes; a rerun skips what is there
-and refuses a file made for other prompts, settings or principles. This module plots but does not
-decide what the chapter shows.
+prompt by the same key, so that a difference comes from the principles, not from a new draw.
+Variants are decoded several at a time, each behind its own prefix (`Engine.generate_groups`), and
+each prefix starts from the full set's cache, which it shares up to the principle left out; the
+scorer then starts from the variant's cache. A chunk of variants' rows is appended to the JSONL file
+as it finishes; a rerun skips what is there and refuses a file made for other prompts, settings or
+principles. This module plots but does not decide what the chapter shows.
 """
 
 from __future__ import annotations
@@ -48,13 +50,12 @@ FULL = "all"  # the variant with every principle
 @dataclass
 class LeaveOneOutConfig(GenerationSettings):
     model: str = ""  # "": the model the run's stage 2 answered with
-    # Each variant sits behind its own ~2,500-token prefix (computed twice with loo_scores: to answer,
-    # to score): on 2 CPU cores about 35 s a variant at 2 prompts and 96 tokens (2 min on a busy machine).
+    # Each variant sits behind its own ~2,500-token prefix, run once for answering and scoring
+    # (benchmarks/RESULTS.md times the 17 variants on 2 CPU cores at these sizes).
     loo_prompts: int = 2  # prompts every variant answers: stage 2's kept ones first, one per red-team type first
-    loo_max_new_tokens: int = 96  # per response, into the answer; the sampling settings are otherwise stage 2's
-    # The book's CPU run leaves out two principles (3 variants, ~2 minutes); the small and full
-    # profiles, and `-p loo_principles []`, leave out every one (17 variants).
-    loo_principles: tuple[int, ...] = (1, 7)  # the principles left out, one at a time; (): every one
+    # Stage 2's thoughts and citations take 57-107 tokens on the embedded model: 96 reach the answer's start.
+    loo_max_new_tokens: int = 96  # per response; the sampling settings are otherwise stage 2's
+    loo_principles: tuple[int, ...] = ()  # the principles left out, one at a time; (): every one
     loo_scores: bool = True  # score each answer's principle_scores (the likelihood of citing each principle)
 
     def __post_init__(self):
@@ -77,9 +78,8 @@ def ablate(prompts: list[str], engine, first: PrincipleSet, second: PrincipleSet
 
     config = config or self_align.SelfAlignConfig()
     keys = [f"ablate-{i}" for i in range(len(prompts))]
-    results = {}
-    for label, principle_set in (("a", first), ("b", second)):
-        results[label] = _answer(prompts, keys, engine, principle_set, config)
+    answered = _answer_sets([(prompts, keys, first), (prompts, keys, second)], engine, config)
+    results = dict(zip("ab", answered))
     table = pd.DataFrame({
         "prompt": prompts,
         "answer_a": [p.answer for _, p in results["a"]], "answer_b": [p.answer for _, p in results["b"]],
@@ -102,12 +102,13 @@ def overlap(a: str, b: str) -> float:
     return 1.0 if a == b else round(rouge_l_fmeasure(a, b), 3)
 
 
-def _answer(prompts, keys, engine, principle_set: PrincipleSet, config):
-    """[(completion, parsed)] for the prompts under one set, behind its prefix and grammar."""
-    texts = [render_prompt(principle_set, p, config.assistant) for p in prompts]
-    completions = engine.generate(texts, self_align.sampling(config, principle_set),
-                                  shared_prefix=render_prefix(principle_set, config.assistant), keys=keys)
-    return [(c, parse_response(principle_set, c.text, config.assistant)) for c in completions]
+def _answer_sets(sets, engine, config):
+    """[[(completion, parsed)] per prompt] per (prompts, keys, principle set): each set's prompts
+    behind its own prefix and grammar, all sets decoded together where the engine can."""
+    groups = [([render_prompt(subset, p, config.assistant) for p in prompts], self_align.sampling(config, subset),
+               render_prefix(subset, config.assistant), keys) for prompts, keys, subset in sets]
+    return [[(c, parse_response(subset, c.text, config.assistant)) for c in completions]
+            for (_, _, subset), completions in zip(sets, engine.generate_groups(groups))]
 
 
 # ---- leave-one-out ----
@@ -152,11 +153,12 @@ def leave_one_out(prompts: Sequence[dict], engine, principle_set: PrincipleSet, 
 
     `config` holds stage 2's sampling settings (a `SelfAlignConfig`; its max_new_tokens is the
     answers' length). Each prompt is seeded by its record id in every variant. With `scorer`, each
-    answer gets its principle_scores. With `path`, each variant's rows are appended to that JSONL
-    file when the variant finishes, and the rows already there are reused (a file made for other
-    prompts, settings or principles is refused); `progress` shows a bar over the variants. answers: one
-    row per variant and prompt, with its
-    `overlap` with the full set's response; summary: `summarise(answers)`.
+    answer gets its principle_scores. Variants are decoded `engine.batch_size // len(prompts)` at a
+    time (`Engine.generate_groups`). With `path`, each chunk's rows are appended to that JSONL file
+    when it finishes, and the rows already there are reused (a file made for other prompts,
+    settings or principles is refused); `progress` shows a bar over the variants. answers: one row
+    per variant and prompt, with its `overlap` with the full set's response; summary:
+    `summarise(answers)`.
     """
     config = config or self_align.SelfAlignConfig()
     numbers = list(principles) if principles else [p.number for p in principle_set.principles]
@@ -169,26 +171,42 @@ def leave_one_out(prompts: Sequence[dict], engine, principle_set: PrincipleSet, 
     request = request_of(prompts, principle_set, config, scorer is not None)
     rows = _earlier(Path(path), request) if path else []
     done = {row["id"] for row in rows}
-    with JsonlWriter(Path(path), ROW) if path else contextlib.nullcontext() as writer:
-        for number in tqdm([None, *numbers], desc="leave-one-out", unit="variant", disable=not progress):
-            variant = FULL if number is None else f"without {number}"
-            todo = [(i, row) for i, row in enumerate(prompts) if f"{variant}/{keys[i]}" not in done]
-            if not todo:
-                continue
-            subset = principle_set if number is None else principle_set.without(number)
-            answered = _answer([row["prompt"] for _, row in todo], [keys[i] for i, _ in todo], engine, subset, config)
-            scores = [None] * len(todo) if scorer is None else principle_scores(
-                scorer, subset, [(row["prompt"], p.thoughts) for (_, row), (_, p) in zip(todo, answered)],
-                config.assistant)
-            for (i, row), (completion, parsed), score in zip(todo, answered, scores):
-                made = {"id": f"{variant}/{keys[i]}", "variant": variant, "left_out": number, "key": keys[i],
-                        "prompt": row["prompt"], "type": row.get("type"), "response": completion.text.strip(),
-                        "finish_reason": completion.finish_reason, "completion_tokens": completion.completion_tokens,
-                        "thoughts": parsed.thoughts, "answer": parsed.answer, "triggers": parsed.triggers,
-                        "unknown_citations": parsed.unknown_citations, "principle_scores": score, "request": request}
-                rows.append(made)
-                if writer is not None:
-                    writer.write(made)
+    todo = []  # (variant, left out, principle set, [(index, prompt row)] not yet answered)
+    for number in [None, *numbers]:
+        variant = FULL if number is None else f"without {number}"
+        rows_left = [(i, row) for i, row in enumerate(prompts) if f"{variant}/{keys[i]}" not in done]
+        if rows_left:
+            todo.append((variant, number, principle_set if number is None else principle_set.without(number), rows_left))
+    # Every variant's prefix starts from the full set's cache (the preamble and the rules before the
+    # one left out are the same), run first so that a resumed run branches from it as a whole one does.
+    # The backend's store keeps a chunk's prefixes and the full set's, for the scorer to start from.
+    per_chunk = max(1, engine.batch_size // len(prompts))
+    prepare = getattr(engine.backend, "cache_prefix", None)
+    if todo and prepare is not None:
+        engine.backend.prefixes.capacity = max(engine.backend.prefixes.capacity, per_chunk + 1)
+        prepare(render_prefix(principle_set, config.assistant))
+    chunks = [todo[start:start + per_chunk] for start in range(0, len(todo), per_chunk)]
+    with JsonlWriter(Path(path), ROW) if path else contextlib.nullcontext() as writer, \
+            tqdm(total=len(todo), desc="leave-one-out", unit="variant", disable=not progress) as bar:
+        for chunk in chunks:
+            answered = _answer_sets([([row["prompt"] for _, row in left], [keys[i] for i, _ in left], subset)
+                                     for _, _, subset, left in chunk], engine, config)
+            for (variant, number, subset, left), answers in zip(chunk, answered):
+                scores = [None] * len(left) if scorer is None else principle_scores(
+                    scorer, subset, [(row["prompt"], p.thoughts) for (_, row), (_, p) in zip(left, answers)],
+                    config.assistant)
+                for (i, row), (completion, parsed), score in zip(left, answers, scores):
+                    made = {"id": f"{variant}/{keys[i]}", "variant": variant, "left_out": number, "key": keys[i],
+                            "prompt": row["prompt"], "type": row.get("type"), "response": completion.text.strip(),
+                            "finish_reason": completion.finish_reason,
+                            "completion_tokens": completion.completion_tokens, "thoughts": parsed.thoughts,
+                            "answer": parsed.answer, "triggers": parsed.triggers,
+                            "unknown_citations": parsed.unknown_citations, "principle_scores": score,
+                            "request": request}
+                    rows.append(made)
+                    if writer is not None:
+                        writer.write(made)
+            bar.update(len(chunk))
     wanted = {FULL, *(f"without {n}" for n in numbers)}
     answers = answer_table([r for r in rows if r["variant"] in wanted and r["key"] in set(keys)], principle_set)
     return answers, summarise(answers, principle_set)
@@ -357,9 +375,11 @@ def run(config: LeaveOneOutConfig, loaded=None, engine=None, scorer=None):
             loaded = load_model(sampling.model)
         engine = engine_for(sampling, loaded, progress=False)  # one bar, over the variants
     if scorer is None and config.loo_scores:
-        # One long context, sixteen short citations: scored as branches of one row, as stage 2 does.
-        scorer = ModelScorer(loaded or load_model(sampling.model), batch_size=config.batch_size, progress=False,
-                             options={"branches": True})
+        # One long context, sixteen short citations: scored as branches of one row, as stage 2 does,
+        # from the variant's prefix in the engine's store where the engine runs these weights.
+        own = getattr(engine.backend, "loaded", None)
+        scorer = ModelScorer(own or loaded or load_model(sampling.model), batch_size=config.batch_size, progress=False,
+                             options={"branches": True, "prefixes": getattr(engine.backend, "prefixes", None)})
     answers, summary = leave_one_out(prompts, engine, principle_set, sampling, scorer if config.loo_scores else None,
                                      stage.path / "answers.jsonl", config.loo_principles or None, progress=True)
     summary.to_csv(stage.path / "summary.csv", index=False)

@@ -1,20 +1,16 @@
 """Log-likelihood scoring: (context, continuation) pairs in, each continuation's summed log-prob out.
 
-`score_choices` is the one scoring engine: (context, continuation) pairs in, the summed log-prob of
-each continuation's tokens out (with its token, character and byte counts, for length-normalized
-scores). One forward pass scores many pairs. What contexts share is run once: the prefix of all of
-them (a few-shot primer, an exam's instructions) and, recursively, what any subset shares after it
-(one dialogue under the two orders of an A/B exam), as a radix tree of token ids; each distinct
-context is then run once, its last position scores every continuation's first token (all a
-one-token label like " A" needs), and the rest of each continuation is run from the context's
-key/value cache, batched with continuations of similar length. Numbers do not depend on the batch size or the padding side: tests/test_scoring.py
-checks them against `score_one_by_one`, the plain loop (benchmarks/evaluate.py times both).
+`score_choices`, the one scoring engine, gives each continuation's token, character and byte
+counts too (for length-normalized scores). What contexts share runs once: the prefix of all of them
+(an exam's instructions) and, recursively, what any subset shares after it (one dialogue under
+both orders of an A/B exam), as a radix tree of token ids; each distinct context then runs once,
+its last position scores every continuation's first token, and the rest of each continuation runs
+from the context's cache, batched by length. The numbers do not depend on batch size or padding
+side (tests/test_scoring.py checks them against `score_one_by_one`, the plain loop).
 
 A scorer is any callable from a list of pairs to a list of `Score`s; `ModelScorer` makes one of a
-`LoadedModel` (a peft-wrapped model too), and `as_scorer` accepts either.
-
-It deliberately knows no benchmark, prompt or result table (those are `selfalign.evals`): it is a
-general tool, for anything that needs the likelihood of a text after another.
+`LoadedModel` (peft-wrapped too), and `as_scorer` accepts either. It knows no benchmark, prompt or
+result table (`selfalign.evals` does): it is for anything that needs a text's likelihood after another.
 """
 
 from __future__ import annotations
@@ -77,25 +73,23 @@ def score_one_by_one(model, tokenizer, requests, bos_prefix: str = "") -> list[S
 def score_choices(model, tokenizer, requests, *, batch_size: int = 32, progress: bool = True,
                   bos_prefix: str = "", padding_side: str = "left", share_prefix: bool = True,
                   share_context: bool = True, max_batch_tokens: int | None = None,
-                  branches: bool = False) -> list[Score]:
+                  branches: bool = False, prefixes=None) -> list[Score]:
     """Score each (context, continuation): log P(continuation | context), summed over its tokens.
 
     batch_size: rows per forward pass (and contexts per context pass). padding_side: "left" or
-    "right" changes the layout, never the numbers (the tokenizer's own setting is not used); left
-    puts every row's scored tokens at the end, so the fewest logits are computed. share_prefix: run
-    the token prefix common to all contexts once, and what any subset of them shares after it
-    (`_score_tree`). share_context: run each distinct context once and
-    score its continuations from its cache. Both are switched off for sliding-window models, whose
-    caches drop old tokens; with both off, each pair is one row of a length-sorted batch.
-    max_batch_tokens: also cap rows x padded width per pass. Benchmarks mix 50-token and
-    2,000-token items, and padding costs as much as a token: on a CPU, HHH over the embedded model
-    ran 3x faster with long items alone and short ones together than in batches of 16.
-    branches: score with `score_branches` instead (long contexts, many continuations each).
+    "right" changes the layout, never the numbers; left puts every row's scored tokens at the end,
+    so the fewest logits are computed. share_prefix: run what all contexts, or any subset of them,
+    share once (`_score_tree`). share_context: run each distinct context once and score its
+    continuations from its cache. Both are off for sliding-window models, whose caches drop old
+    tokens. max_batch_tokens: also cap rows x padded width per pass (padding costs as much as a
+    token: on a CPU, HHH ran 3x faster with long items alone than in batches of 16).
+    branches: score with `score_branches` instead (long contexts, many continuations each), from
+    what `prefixes` (a `generation.cache.PrefixStore` of the same weights) holds of the contexts.
     """
     requests = [(str(c), str(x)) for c, x in requests]
     encoded = encode_requests(tokenizer, requests, bos_prefix)
     if branches and not _sliding_window(model):
-        logprobs = score_branches(model, encoded, progress=progress)
+        logprobs = score_branches(model, encoded, progress=progress, prefixes=prefixes)
     else:
         logprobs = score_encoded(model, encoded, batch_size=batch_size, progress=progress, padding_side=padding_side,
                                  share_prefix=share_prefix, share_context=share_context,
@@ -197,16 +191,14 @@ def _score_leaves(model, encoded, contexts, start, prefix_past, logprobs, bar, *
         bar.update(sum(len(members) for members in group))
 
 
-def score_branches(model, encoded: Sequence[tuple[list[int], list[int]]], *, progress: bool = True) -> list[float]:
+def score_branches(model, encoded: Sequence[tuple[list[int], list[int]]], *, progress: bool = True,
+                   prefixes=None) -> list[float]:
     """`score_encoded` for long contexts with many short continuations each (stage 2's principle
-    scores: a 2,000-token prompt, sixteen citations of a few tokens).
-
-    The token prefix all contexts share runs once; each context then runs once, as one row after
-    it; and all of a context's continuations run together in one more row after the context's
-    cache, each attending to the context and to its own earlier tokens only (a tree-shaped
-    attention mask). No key/value cache is copied per continuation, which is what batching them
-    as rows costs (`score_encoded` copies the context's cache into every row).
-    """
+    scores: a 2,500-token prompt, sixteen citations). The prefix all contexts share runs once (what
+    the store `prefixes` holds of it, not at all); each context then runs as one row after it; and
+    all of a context's continuations run in one more row after its cache, each attending to the
+    context and its own earlier tokens only (a tree-shaped mask), so no cache is copied per
+    continuation, as batching them as rows would (`score_encoded`)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -214,11 +206,11 @@ def score_branches(model, encoded: Sequence[tuple[list[int], list[int]]], *, pro
     for index, (ctx, _) in enumerate(encoded):
         groups.setdefault(tuple(ctx), []).append(index)
     contexts = [list(c) for c in groups]
-    prefix = _common_prefix(contexts) if len(contexts) > 1 else []
+    prefix = _common_prefix(contexts) if len(contexts) > 1 else contexts[0][:-1] if prefixes and contexts else []
     logprobs = [0.0] * len(encoded)
     device = _device(model)
     with torch.inference_mode(), tqdm(total=len(encoded), disable=not progress, desc="scoring", unit="choice") as bar:
-        prefix_past = _forward(model, [prefix], None, "left", keep=1)[1] if prefix else None
+        prefix_past = _prefix_past(model, prefix, prefixes) if prefix else None
         for ctx, members in zip(contexts, groups.values()):
             first, past = _last_logprobs(model, [ctx[len(prefix):]], prefix_past, "left")
             feeds, spans = [], []
@@ -251,6 +243,16 @@ def score_branches(model, encoded: Sequence[tuple[list[int], list[int]]], *, pro
     return logprobs
 
 
+def _prefix_past(model, prefix: list[int], prefixes) -> _Past:
+    """`prefix` run as one row, from the longest stretch of it the store `prefixes` holds (if any)."""
+    reused, source = prefixes.longest(prefix) if prefixes is not None else (0, None)
+    reused, past = min(reused, len(prefix)), None
+    if reused:
+        layers = [(layer.keys[..., :reused, :], layer.values[..., :reused, :]) for layer in source.layers]
+        past = _Past(layers, layers[0][0].new_ones(1, reused).long())
+    return _forward(model, [prefix[reused:]], past, "left", keep=1)[1] if len(prefix) > reused else past
+
+
 def _cache_of(model, past: _Past):
     from transformers import DynamicCache
 
@@ -266,10 +268,9 @@ PADDING_SLACK = (16, 0.25)  # with a token budget, a row joins a batch padded by
 def _batches(items: list, width, batch_size: int, max_tokens: int | None):
     """Consecutive runs of `items` (sorted widest first) of at most batch_size items and, when
     max_tokens is set, at most max_tokens padded tokens (an item wider than that goes alone).
-
-    A token budget says that padding costs as much as a token (a CPU), so then an item also starts
-    a new batch where it would be padded by more than PADDING_SLACK: HHH's replies run from 10 to
-    570 tokens, and a short one padded to a long one's width cost more than it saved."""
+    Under a token budget (padding costs as much as a token) an item also starts a new batch where
+    it would be padded by more than PADDING_SLACK: a short HHH reply padded to a 570-token one
+    cost more than it saved."""
     batch: list = []
     tokens, share = PADDING_SLACK
     for item in items:
@@ -398,7 +399,7 @@ class ModelScorer:
     loaded: object
     batch_size: int = 32
     progress: bool = True
-    options: dict = field(default_factory=dict)  # more keywords for score_choices
+    options: dict = field(default_factory=dict)  # more keywords for score_choices (`prefixes` among them)
 
     @property
     def name(self) -> str:

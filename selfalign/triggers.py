@@ -75,7 +75,9 @@ def format_grammar(principle_set: PrincipleSet, assistant: str = "Watson", max_t
         "%llguidance {}",
         f"start: thoughts citations {json.dumps(closer)} {json.dumps(chr(10) * 2 + marker.rstrip())} answer",
         f"thoughts[lazy]: /{thoughts}/",
-        f'citations: CITE ((", " CITE){{0,{most - 2}}} " and " CITE)?' if most > 1 else "citations: CITE",
+        # llguidance refuses a {0,0} repeat: with at most two citations, "A and B" has no commas.
+        ("citations: CITE (" + (f'(", " CITE){{0,{most - 2}}} ' if most > 2 else "") + '" and " CITE)?'
+         if most > 1 else "citations: CITE"),
         f"CITE: {labels}",
         answer,
     ]) + "\n"

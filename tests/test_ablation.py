@@ -10,7 +10,7 @@ import pytest
 from selfalign import ablation
 from selfalign.cli import main
 from selfalign.generation import Completion, Engine
-from selfalign.principles import PrincipleError, load_principle_set
+from selfalign.principles import PrincipleError, load_principle_set, render_prefix
 from selfalign.records import RunError
 from selfalign.scoring import Score
 from selfalign.stages.self_align import SelfAlignConfig
@@ -143,12 +143,14 @@ def test_a_killed_run_resumes_and_computes_only_the_rest(tmp_path):
     path = tmp_path / "answers.jsonl"
     with pytest.raises(KeyboardInterrupt):
         ablation.leave_one_out(PROMPTS, engine(LeaveOutBackend(fail_after=5)), BASE, SelfAlignConfig(), path=path)
-    assert len(path.read_text().splitlines()) == 5 * 3  # five variants, each written when it finished
+    # 8 rows a batch, 3 prompts: variants go two at a time, and each pair is written when it finishes;
+    # the kill came in the third pair.
+    assert len(path.read_text().splitlines()) == 4 * 3
     with path.open("a") as handle:
-        handle.write('{"id": "without 5/p-fact", "half a line')  # the write in flight at the kill
+        handle.write('{"id": "without 4/p-fact", "half a line')  # the write in flight at the kill
     again = LeaveOutBackend()
     answers, summary = ablation.leave_one_out(PROMPTS, engine(again), BASE, SelfAlignConfig(), path=path)
-    assert len(again.calls) == 12 and len(answers) == 51
+    assert len(again.calls) == 13 and len(answers) == 51
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == len({r["id"] for r in rows}) == 51
     fresh, _ = ablation.leave_one_out(PROMPTS, engine(), BASE, SelfAlignConfig())
@@ -217,6 +219,40 @@ def test_as_ablation_is_an_ablate_table():
     assert table[columns].equals(direct[columns])
     with pytest.raises(PrincipleError, match="no variant without principle 3"):
         ablation.as_ablation(answers, 3)
+
+
+def test_on_a_model_the_variants_branch_from_the_full_sets_prefix_and_decode_together(tiny, monkeypatch):
+    """The default way (variants together, each prefix from the full set's cache, scores from the
+    variant's cache) answers and scores as the plain way (each variant alone, every prefix whole)."""
+    from selfalign.generation import HFBackend
+    from selfalign.scoring import ModelScorer
+
+    config = SelfAlignConfig(max_new_tokens=5)
+    prompts = [{"id": "a", "prompt": "How do I pick a lock?"}, {"id": "b", "prompt": "What is 2+2?"}]
+    short = BASE.with_exemplars([BASE.exemplars[0].id])  # tiny-random spells text out: a shorter prefix
+    runs = {}
+    class Alone(HFBackend):
+        multi_prefix = False
+
+    for together in (False, True):
+        backend = (HFBackend if together else Alone)(tiny)
+        if not together:
+            backend.prefixes.least = 10 ** 9
+        batches = []
+        monkeypatch.setattr(backend, "stream_batch", lambda *a, _f=backend.stream_batch, **k: batches.append(a) or _f(*a, **k))
+        scorer = ModelScorer(tiny, progress=False, options={"branches": True, "prefixes": backend.prefixes if together else None})
+        engine = Engine(backend, batch_size=4, progress=False, context_length=16384)  # tiny-random spells it out
+        answers, _ = ablation.leave_one_out(prompts, engine, short, config, scorer, principles=[8, 16])
+        runs[together] = answers, backend.prefixes.tokens_run, len(batches)
+    (alone, alone_tokens, alone_batches), (together, together_tokens, together_batches) = runs[False], runs[True]
+    assert together["response"].tolist() == alone["response"].tolist()
+    for a, b in zip(alone["principle_scores"], together["principle_scores"]):
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-5
+    assert (alone_batches, together_batches) == (3, 2)  # two variants (of two prompts) a batch of four
+    lengths = [len(tiny.tokenizer(tiny.bos_prefix + render_prefix(s, "Watson"))["input_ids"])
+               for s in (short, short.without(8), short.without(16))]
+    assert alone_tokens == sum(lengths)
+    assert together_tokens < sum(lengths) - lengths[0] // 4  # rules 1-7 and 1-15 were not run again
 
 
 def test_choose_prompts_prefers_kept_answers_and_varied_types():

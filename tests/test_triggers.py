@@ -87,6 +87,20 @@ def test_grammar_follows_an_edited_set(tiny):
                    " Fine. I should follow rules 7 (Candor).\n\nAda: Yes, it is fine.")
 
 
+@pytest.mark.parametrize("cited", [1, 2, 3])
+def test_grammar_of_exemplars_that_cite_few_principles_compiles(tiny, cited):
+    """At most two citations an exemplar once wrote a repeat {0,0}, which llguidance refuses."""
+    import dataclasses
+
+    first = PRINCIPLES.exemplars[0]
+    few = dataclasses.replace(PRINCIPLES, exemplars=(dataclasses.replace(first, cites=first.cites[:cited]),))
+    grammar = format_grammar(few, "Watson")
+    check_grammar(grammar)
+    two = " A. I should follow rules 2 (Informative) and 7 (Candor).\n\nWatson: Yes."
+    assert accepts(grammar, tiny.tokenizer, two, complete=False) == (cited >= 2)
+    assert not accepts(grammar, tiny.tokenizer, " A. I should follow rules 2 (Informative), 7 (Candor).")
+
+
 # One exemplar: a shorter prefix, the same grammar (it lists the principles, not the exemplars).
 SHORT = PRINCIPLES.with_exemplars([PRINCIPLES.exemplars[0].id])
 

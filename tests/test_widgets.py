@@ -200,7 +200,7 @@ def test_editor_save_refuses_to_overwrite_unless_ticked(base, tmp_path):
 
 def test_editor_shows_a_failing_engine_instead_of_raising(base, tmp_path):
     class Broken:
-        def generate(self, *args, **kwargs):
+        def generate_groups(self, *args, **kwargs):
             raise RuntimeError("out of memory")
 
     editor = widgets.PrincipleEditor(base, PROMPTS, Broken())

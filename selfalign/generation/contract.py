@@ -94,7 +94,9 @@ class Completion:
 class Backend(Protocol):
     """A backend may also have `run_batches(batches, params, shared_prefix, max_prompt_tokens)`,
     yielding each (prompts, seeds) batch's completions in order: the engine then hands it every
-    batch at once, so that it can run several together (replicas.py)."""
+    batch at once, so that it can run several together (replicas.py). One whose `multi_prefix` is
+    true takes, in `stream_batch`, a list of each prompt's shared prefix (several different ones in
+    a batch) and `grammars=` one per prompt (`Engine.generate_groups`; hf.py)."""
 
     name: str
 

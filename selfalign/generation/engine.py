@@ -8,6 +8,9 @@ depend on which batch it landed in or on a resume, and the caller's random state
 
 A prompt set that shares a long prefix (SELF-ALIGN's principles and exemplars) passes it as
 `shared_prefix`: its key/value cache is computed once and reused by every batch.
+`Engine.generate_groups` decodes several such prompt sets, each behind its own prefix and
+grammar (leave-one-out's principle sets), in shared batches where the backend can (its
+`multi_prefix`: "hf"), and one set after another where it cannot, with the same completions.
 
 `engine_for` builds the engine a stage's settings ask for. Backends implement
 `Backend.stream_batch`: the Hugging Face ones are in hf.py, vLLM's in vllm.py, which is imported
@@ -19,6 +22,8 @@ backends do.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -69,6 +74,87 @@ class Engine:
                keys: Sequence | None = None) -> Iterator[tuple[int, Completion]]:
         """Yield (index into prompts, completion) as batches finish. `keys` (e.g. record ids) seed
         each prompt's sampling; by default the text and its occurrence count do."""
+        prompts, keys, lengths, budget = self._checked(prompts, params, shared_prefix, keys)
+        # Longest first, so that a batch that does not fit in memory fails at once, not at the end.
+        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+        from tqdm.auto import tqdm
+
+        chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = (([prompts[i] for i in chunk], [prompt_seed(params.seed, keys[i]) for i in chunk])
+                   for chunk in chunks)
+        # A backend with several replicas (replicas.py) runs some batches at once, handing them back in order.
+        run_batches = getattr(self.backend, "run_batches", None)
+        if run_batches is not None:
+            results = run_batches(batches, params, shared_prefix, budget)
+        else:
+            results = (self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
+                       for texts, seeds in batches)
+        with tqdm(total=len(prompts), unit="prompt", disable=not self.progress, desc="generating") as bar:
+            for chunk, outputs in zip(chunks, results):
+                for index, completion in zip(chunk, outputs):
+                    yield index, completion
+                bar.update(len(chunk))
+
+    def generate_groups(self, groups: Sequence[tuple[Sequence[str], SamplingParams, str | None, Sequence | None]]
+                        ) -> list[list[Completion]]:
+        """Complete several prompt sets, each `(prompts, params, shared_prefix, keys)`; one list of
+        completions per group, in its prompts' order: each the same as `generate(*group)`.
+
+        The groups' params may differ in `grammar` only (ValueError otherwise). Where the backend
+        decodes a batch behind several prefixes (`multi_prefix`), batches hold whole groups where
+        they fit (rows ordered by group, then longest first), so that a small model's weights are
+        read once a step for several groups; otherwise each group runs through `generate` in turn.
+        """
+        groups = [(list(prompts), params, prefix, keys) for prompts, params, prefix, keys in groups]
+        if not groups:
+            return []
+        common = {dataclasses.replace(params, grammar=None) for _, params, _, _ in groups}
+        if len(common) > 1:
+            raise ValueError("the groups' sampling params must be the same but for their grammar")
+        if (not getattr(self.backend, "multi_prefix", False) or len(groups) == 1
+                or any(prefix is None for _, _, prefix, _ in groups)):
+            return [self.generate(*group) for group in groups]
+        checked = [self._checked(*group) for group in groups]
+        budget = checked[0][3]  # the same for every group: the params agree on max_new_tokens
+        rows = [(g, i) for g, (_, _, lengths, _) in enumerate(checked)
+                for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))]
+        params = common.pop()  # without a grammar: each row's goes to the backend beside it
+        constrained = any(group[1].grammar is not None for group in groups)
+        results: list[list[Completion | None]] = [[None] * len(prompts) for prompts, *_ in checked]
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(rows), unit="prompt", disable=not self.progress, desc="generating") as bar:
+            for batch in self._group_batches(rows):
+                outputs = self.backend.stream_batch(
+                    [checked[g][0][i] for g, i in batch], params,
+                    [prompt_seed(params.seed, checked[g][1][i]) for g, i in batch], [groups[g][2] for g, _ in batch],
+                    max_prompt_tokens=budget,
+                    grammars=[groups[g][1].grammar for g, _ in batch] if constrained else None)
+                for (g, i), completion in zip(batch, outputs):
+                    results[g][i] = completion
+                bar.update(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _group_batches(self, rows: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """`rows` ((group, index), by group) cut into batches: a group that does not fit in the room
+        left starts a new batch (each prefix then runs in as few batches as it can), unless it is
+        larger than a batch itself."""
+        batches: list[list[tuple[int, int]]] = [[]]
+        for _, members in itertools.groupby(rows, key=lambda row: row[0]):
+            members = list(members)
+            if batches[-1] and len(batches[-1]) + len(members) > self.batch_size >= len(members):
+                batches.append([])
+            for row in members:
+                if len(batches[-1]) == self.batch_size:
+                    batches.append([])
+                batches[-1].append(row)
+        return [batch for batch in batches if batch]
+
+    def _checked(self, prompts: Sequence[str], params: SamplingParams, shared_prefix: str | None,
+                 keys: Sequence | None) -> tuple[list[str], list, list[int], int]:
+        """(prompts, keys, token counts, the prompt token budget) of one call, checked: keys unique
+        and one per prompt, prompts starting with the shared prefix and fitting the context (else
+        PromptTooLongError, or a warning where the engine truncates)."""
         named = keys is not None  # record ids name a prompt better than its place in this call
         if keys is None:
             keys = default_keys(prompts)
@@ -96,26 +182,8 @@ class Engine:
                     "max_new_tokens, or pass truncate='left' to drop its beginning."
                 )
             if n > budget:
-                warnings.warn(f"{name} has {n} tokens; keeping its last {budget}", stacklevel=2)
-        # Longest first, so that a batch that does not fit in memory fails at once, not at the end.
-        order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
-        from tqdm.auto import tqdm
-
-        chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        batches = (([prompts[i] for i in chunk], [prompt_seed(params.seed, keys[i]) for i in chunk])
-                   for chunk in chunks)
-        # A backend with several replicas (replicas.py) runs some batches at once, handing them back in order.
-        run_batches = getattr(self.backend, "run_batches", None)
-        if run_batches is not None:
-            results = run_batches(batches, params, shared_prefix, budget)
-        else:
-            results = (self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
-                       for texts, seeds in batches)
-        with tqdm(total=len(prompts), unit="prompt", disable=not self.progress, desc="generating") as bar:
-            for chunk, outputs in zip(chunks, results):
-                for index, completion in zip(chunk, outputs):
-                    yield index, completion
-                bar.update(len(chunk))
+                warnings.warn(f"{name} has {n} tokens; keeping its last {budget}", stacklevel=3)
+        return prompts, list(keys), lengths, budget
 
 
 def engine_for(config, loaded=None, adapter: str | None = None, **options) -> Engine:

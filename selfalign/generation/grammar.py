@@ -7,6 +7,10 @@ the disallowed logits become -inf, so the sampler after it (or greedy argmax) on
 allowed token. Both Hugging Face decoders apply it, as they apply the other processors
 (processors.py); vLLM applies the same grammar with its own "guidance" backend (vllm.py).
 
+Rows may have different grammars (leave-one-out decodes several principle sets' rows in one
+batch): `grammar` is then a list with one grammar per row, None for an unconstrained row; each
+distinct grammar is compiled once and its matcher copied for each of its rows.
+
 Where the grammar is complete, end of text is the only token left. A row whose matcher refuses a
 token has finished (after end of text, or a stop string, `generate` fills it with padding), and is
 left unconstrained.
@@ -46,15 +50,26 @@ def grammar_tokenizer(tokenizer, eos_ids: Sequence[int]):
 
 
 class GrammarConstraint:
-    """Masks, at every step, the tokens that `grammar` does not allow after each row's tokens so far."""
+    """Masks, at every step, the tokens that `grammar` does not allow after each row's tokens so far.
 
-    def __init__(self, ll_tokenizer, grammar: str, rows: int, prompt_width: int):
+    `grammar` is one grammar for every row, or a list of one per row (None: that row is free).
+    """
+
+    def __init__(self, ll_tokenizer, grammar: str | Sequence[str | None], rows: int, prompt_width: int):
         llguidance = _llguidance()
-        compiled = llguidance.grammar_from("lark", grammar)
-        self.matchers = [llguidance.LLMatcher(ll_tokenizer, compiled, log_level=0) for _ in range(rows)]
+        grammars = [grammar] * rows if isinstance(grammar, str) else list(grammar)
+        if len(grammars) != rows:
+            raise ValueError(f"{len(grammars)} grammars for {rows} rows")
+        # A matcher holds its compiled grammar; a copy of it is cheap, a new one compiles again.
+        compiled = {text: llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", text), log_level=0)
+                    for text in dict.fromkeys(g for g in grammars if g is not None)}
+        for matcher in compiled.values():
+            if matcher.is_error():  # else the row would silently be held to end of text alone
+                raise ValueError(f"the grammar does not compile: {matcher.get_error()}")
+        self.matchers = [None if g is None else compiled[g].deep_copy() for g in grammars]
         self.bitmask = llguidance.torch.allocate_token_bitmask(rows, ll_tokenizer.vocab_size)
         self.prompt_width = prompt_width
-        self.finished = [False] * rows
+        self.finished = [m is None for m in self.matchers]  # a free row is as unconstrained as a finished one
         self._fill, self._apply = llguidance.torch.fill_next_token_bitmask, llguidance.torch.apply_token_bitmask_inplace
 
     def __call__(self, input_ids, scores):

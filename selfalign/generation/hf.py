@@ -14,7 +14,7 @@ import contextlib
 import copy
 from typing import Sequence
 
-from .cache import cache_keyword, copy_prefix
+from .cache import PrefixStore, cache_keyword, copy_prefix
 from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases
 from .grammar import GrammarConstraint, grammar_tokenizer
 from .processors import GeneratedNoRepeatNGram, GeneratedRepetitionPenalty, LogitBias
@@ -46,8 +46,10 @@ class HFBackend:
         self.static = static
         self.compile = compile
         self.name = "hf-static" if static else "hf"
-        self._prefix_cache: dict[str, object] = {}  # shared prefix -> its key/value cache
-        self._prefix_tokens: tuple[str, list[int]] = ("", [])  # the last shared prefix and its ids
+        # Shared prefixes' caches, by token ids; a new prefix starts from what it shares with a
+        # stored one. Two: the prefix in use, and the one it may branch from (leave-one-out keeps more).
+        self.prefixes = PrefixStore(capacity=2)
+        self._prefix_tokens: dict[str, list[int]] = {}  # shared prefix -> its ids, for the prefixes in use
         self._decoders: dict[tuple[int, int], StaticDecoder] = {}
         self._grammar_tokenizer = None  # llguidance's view of the vocabulary, built on first use
         # Rows behind a shared prefix attend to its one cached row (shared_prefix.py) where the model
@@ -70,43 +72,69 @@ class HFBackend:
 
     def _prefix_ids(self, shared_prefix: str) -> list[int]:
         # The prefix is thousands of tokens and the same for every prompt: tokenize it once.
-        if self._prefix_tokens[0] != shared_prefix:
-            self._prefix_tokens = (shared_prefix, self._encode(shared_prefix))
-        return self._prefix_tokens[1]
+        if shared_prefix not in self._prefix_tokens:
+            if len(self._prefix_tokens) >= self.prefixes.capacity:
+                self._prefix_tokens.pop(next(iter(self._prefix_tokens)))
+            self._prefix_tokens[shared_prefix] = self._encode(shared_prefix)
+        return self._prefix_tokens[shared_prefix]
 
-    def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None):
+    @property
+    def multi_prefix(self) -> bool:
+        """Whether one batch may sit behind several shared prefixes (`stream_batch` given a list):
+        "hf" where the model has shared-prefix attention. The engine asks (`generate_groups`)."""
+        return not self.static and self.share_prefix
+
+    def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None, grammars=None):
+        """Complete one batch (the engine's `Backend` contract).
+
+        `shared_prefix` is one prefix of every prompt, or a list of each prompt's own (several
+        different ones only where `multi_prefix`). `grammars`, one per prompt (None: free), holds
+        each row to its own grammar in place of `params.grammar`, which must then be None.
+        """
         import torch
 
+        prefixes = _per_row(shared_prefix, len(prompts))
+        distinct = list(dict.fromkeys(prefixes)) if prefixes is not None else []
+        if len(distinct) > 1 and not self.multi_prefix:
+            raise ValueError(f"backend {self.name!r} on this model decodes a batch behind one shared prefix only; "
+                             "decode each prefix's prompts apart (Engine.generate_groups does)")
         pad_id = self.tokenizer.pad_token_id
-        encoded = [self._split_encode(p, shared_prefix) for p in prompts]
+        encoded = [self._split_encode(p, text) for p, text in zip(prompts, prefixes or [None] * len(prompts))]
+        prefix_ids = {text: self._prefix_ids(text) for text in distinct}
         if max_prompt_tokens is not None:
             encoded = [ids[-max_prompt_tokens:] for ids in encoded]
         device = self.model.device
         prefix_len = 0
-        if shared_prefix is not None:
-            prefix_ids = self._prefix_ids(shared_prefix)
-            prefix_len = len(prefix_ids)
+        if prefixes is not None:
+            prefix_len = max(len(ids) for ids in prefix_ids.values())
             # The gap between prefix and suffix is padded (masked), so that all rows share the
             # cached prefix positions; position ids come from the mask, so the suffix's positions
-            # follow the prefix as if there were no gap.
-            suffixes = [ids[prefix_len:] for ids in encoded]
+            # follow the prefix as if there were no gap. Behind several prefixes, a row behind a
+            # shorter one is also padded before it, so that every row's own tokens start at the
+            # longest prefix's end (shared_prefix.py) and its positions continue its own prefix.
+            before = [prefix_len - len(prefix_ids[text]) for text in prefixes]
+            suffixes = [ids[len(prefix_ids[text]):] for ids, text in zip(encoded, prefixes)]
             width = max(len(s) for s in suffixes)
             if width == 0:
                 raise ValueError("with a shared prefix, every prompt needs text after it")
-            rows = [prefix_ids + [pad_id] * (width - len(s)) + s for s in suffixes]
-            masks = [[1] * prefix_len + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+            rows = [[pad_id] * b + prefix_ids[text] + [pad_id] * (width - len(s)) + s
+                    for b, text, s in zip(before, prefixes, suffixes)]
+            masks = [[0] * b + [1] * (prefix_len - b) + [0] * (width - len(s)) + [1] * len(s)
+                     for b, s in zip(before, suffixes)]
         else:
             width = max(len(ids) for ids in encoded)
             rows = [[pad_id] * (width - len(ids)) + ids for ids in encoded]
             masks = [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded]
         input_ids = torch.tensor(rows, device=device)
         attention_mask = torch.tensor(masks, device=device)
+        processors = self._processors(params, seeds, attention_mask, grammars)
+        caches = [self._cached_prefix(text, prefix_ids[text]) for text in distinct]
         if self.static:
-            prefix_cache = self._cached_prefix(shared_prefix, prefix_ids) if shared_prefix is not None else None
+            prefix_cache = caches[0] if caches else None
             decoder = self._static_decoder(len(prompts), input_ids.shape[1] + params.max_new_tokens,
                                            prefix_cache if self._shares(len(prompts)) else None)
             new_tokens = decoder.decode(
-                input_ids, attention_mask, self._processors(params, seeds, attention_mask),
+                input_ids, attention_mask, processors,
                 self._stopping(params), params.max_new_tokens, pad_id, prefix_cache)
             return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
 
@@ -118,22 +146,25 @@ class HFBackend:
             # which count the prompt; ours are in `_processors`.
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
-            logits_processor=self._processors(params, seeds, attention_mask),
+            logits_processor=processors,
         )
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         attention = contextlib.nullcontext()
-        if shared_prefix is not None:
+        if caches:
             total = input_ids.shape[1] + params.max_new_tokens
-            prefix_cache = self._cached_prefix(shared_prefix, prefix_ids)
             if self._shares(len(prompts)):
                 from .shared_prefix import PrefixedCache, shared_attention
 
-                kwargs[cache_keyword(self.model)] = PrefixedCache(prefix_cache, total - prefix_len)
+                if len(caches) == 1:  # one prefix behind every row: the one-prefix attention, as fast as before
+                    cache = PrefixedCache(caches[0], total - prefix_len)
+                else:
+                    cache = PrefixedCache(caches, total - prefix_len, [distinct.index(text) for text in prefixes])
+                kwargs[cache_keyword(self.model)] = cache
                 attention = shared_attention(self.model)
             else:
-                kwargs[cache_keyword(self.model)] = self._batch_cache(prefix_cache, len(prompts), total)
+                kwargs[cache_keyword(self.model)] = self._batch_cache(caches[0], len(prompts), total)
 
         with torch.inference_mode(), attention:
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -145,11 +176,12 @@ class HFBackend:
         # (0.8x the tokens/s at batch 1, benchmarks/RESULTS.md).
         return self.share_prefix and batch > 1
 
-    def _processors(self, params: SamplingParams, seeds, attention_mask):
+    def _processors(self, params: SamplingParams, seeds, attention_mask, grammars: Sequence[str | None] | None = None):
         """The logits processors of both decoders, in one order: penalties, logit bias, grammar, sampler.
 
         The batch is left-padded to the width of `attention_mask` (with a shared prefix, prefix
-        plus padded suffix), so the tokens after that width are the generated ones.
+        plus padded suffix), so the tokens after that width are the generated ones. `grammars`
+        (one per row, None: free) replaces `params.grammar`.
         """
         from transformers import LogitsProcessorList
 
@@ -161,10 +193,15 @@ class HFBackend:
             processors.append(GeneratedNoRepeatNGram(params.no_repeat_ngram_size, width))
         if params.logit_bias:
             processors.append(LogitBias(first_token_biases(self.tokenizer, params.logit_bias), device))
-        if params.grammar is not None:
+        grammar = params.grammar
+        if grammars is not None:
+            if grammar is not None or len(grammars) != len(seeds):
+                raise ValueError("grammars are one per prompt, in place of params.grammar (leave it None)")
+            grammar = None if all(g is None for g in grammars) else list(grammars)
+        if grammar is not None:
             if self._grammar_tokenizer is None:
                 self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self._eos_ids())
-            processors.append(GrammarConstraint(self._grammar_tokenizer, params.grammar, len(seeds), width))
+            processors.append(GrammarConstraint(self._grammar_tokenizer, grammar, len(seeds), width))
         if params.temperature > 0:
             processors.append(NucleusSampler(params.temperature, params.top_p, seeds, device))
         return processors
@@ -197,19 +234,17 @@ class HFBackend:
             self._decoders[key] = self._decoders.pop(key)  # most recently used last
         return self._decoders[key]
 
-    def _cached_prefix(self, shared_prefix: str, prefix_ids: list[int]):
-        import torch
-        from transformers import DynamicCache
+    def cache_prefix(self, shared_prefix: str) -> None:
+        """Run a shared prefix into `prefixes` now, for later prefixes to branch from (leave-one-out
+        runs the full principle set's first, so that a resumed run branches as a whole one does)."""
+        self._cached_prefix(shared_prefix, self._prefix_ids(shared_prefix))
 
-        if shared_prefix not in self._prefix_cache:
-            self._prefix_cache.clear()  # one prefix at a time: it can be large
-            self._decoders = {key: decoder for key, decoder in self._decoders.items() if key[2] is None}
-            cache = DynamicCache(config=self.model.config)
-            with torch.inference_mode():
-                self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
-                           use_cache=True, **{cache_keyword(self.model): cache})
-            self._prefix_cache[shared_prefix] = cache
-        return self._prefix_cache[shared_prefix]
+    def _cached_prefix(self, shared_prefix: str, prefix_ids: list[int]):
+        cache = self.prefixes.cache_for(self.model, prefix_ids)
+        # A static decoder bound to a prefix the store has let go would keep it alive.
+        live = {id(c) for c in self.prefixes.entries.values()}
+        self._decoders = {key: decoder for key, decoder in self._decoders.items() if key[2] is None or key[2] in live}
+        return cache
 
     def _batch_cache(self, prefix_cache, batch: int, total: int):
         """The prefix's cache for a batch, as a preallocated static cache.
@@ -249,6 +284,16 @@ class HFBackend:
         if end is not None:
             return Completion(text, "eos", prompt_tokens, end + 1)
         return Completion(text, "length", prompt_tokens, len(ids))
+
+
+def _per_row(shared_prefix, rows: int) -> list[str] | None:
+    """Each row's shared prefix (None: no prefix), from one prefix or a list of one per row."""
+    if shared_prefix is None or isinstance(shared_prefix, str):
+        return None if shared_prefix is None else [shared_prefix] * rows
+    prefixes = list(shared_prefix)
+    if len(prefixes) != rows or not all(isinstance(text, str) for text in prefixes):
+        raise ValueError(f"shared_prefix must be one text or one per prompt ({rows}), got {len(prefixes)} items")
+    return prefixes
 
 
 def _shared_prefix_supported(model) -> bool:

@@ -9,6 +9,12 @@ vLLM's cascade attention and Hydragen do:
 - the whole batch's queries against the one prefix, as one matrix product per key/value head;
 - each row's queries against its own tokens, under the usual causal and padding mask.
 
+A batch may also sit behind several prefixes (leave-one-out's principle sets, one per group of
+rows): `PrefixedCache` then takes the prefixes' one-row caches and each row's prefix, every
+prefix's rows attend to its keys and values alone, and the rows' own tokens start after a virtual
+prefix as long as the longest one (HFBackend left-pads the rows behind shorter prefixes, masked, so
+that position ids, computed from the mask, continue each row's real prefix).
+
 Both are transformers' own extension points: a `Cache` whose layers hand the attention function
 the prefix beside the row's own states, and a function registered in `AttentionInterface` (with
 its mask in `AttentionMaskInterface`) under `ATTENTION`. Nothing in the model is patched;
@@ -36,10 +42,14 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 class Prefixed(NamedTuple):
-    """A layer's keys (or values): the prefix's one row, and every row's own tokens after it."""
+    """A layer's keys (or values): the prefix's one row, and every row's own tokens after it.
 
-    prefix: torch.Tensor  # [1, kv_heads, prefix_len, head_dim]
+    Behind several prefixes, `prefix` is a tuple of one-row tensors (of their own lengths) and
+    `rows` holds, for each, the indices of the batch rows behind it."""
+
+    prefix: torch.Tensor | tuple[torch.Tensor, ...]  # [1, kv_heads, prefix_len, head_dim]
     own: torch.Tensor  # [batch, kv_heads, own_len, head_dim]
+    rows: tuple[torch.Tensor, ...] | None = None  # None: one prefix, behind every row
 
 
 def supports(model) -> bool:
@@ -64,15 +74,21 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, length, dim = query.shape
-    kv_heads = key.prefix.shape[1]
+    kv_heads = key.own.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     grouped = query.reshape(batch, kv_heads, groups * length, dim)
-    # The prefix: every row's queries of a key/value head against the one prefix, in one call.
-    shared = grouped.transpose(0, 1).reshape(1, kv_heads, batch * groups * length, dim)
-    prefix_out, prefix_lse = _attend(shared, key.prefix, value.prefix, scale)
-    prefix_lse = prefix_lse.reshape(kv_heads, batch, groups * length).transpose(0, 1)
-    prefix_out = prefix_out.reshape(kv_heads, batch, groups * length, dim).transpose(0, 1)
+    if key.rows is None:
+        prefix_out, prefix_lse = _attend_prefix(grouped, key.prefix, value.prefix, scale)
+    else:
+        # Each prefix's rows against that prefix: its keys are read once a step, as with one prefix,
+        # and with no padding to mask (the prefixes' lengths differ).
+        prefix_out = grouped.new_empty(grouped.shape, dtype=torch.float32)
+        prefix_lse = grouped.new_empty(grouped.shape[:-1], dtype=torch.float32)
+        for prefix_keys, prefix_values, rows in zip(key.prefix, value.prefix, key.rows):
+            out, lse = _attend_prefix(grouped.index_select(0, rows), prefix_keys, prefix_values, scale)
+            prefix_out.index_copy_(0, rows, out)
+            prefix_lse.index_copy_(0, rows, lse)
     # The rows' own tokens, causal and unpadded by the mask ([batch, 1, length, own_len], True = attend).
     allowed = attention_mask.expand(batch, 1, length, -1).repeat(1, 1, groups, 1).reshape(batch, 1, groups * length, -1)
     # Finite, not -inf: a padded query that sees none of its row's tokens gets a finite, negligible
@@ -86,6 +102,19 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout: 
         / (prefix_weight + own_weight).unsqueeze(-1)
     output = merged.reshape(batch, kv_heads, groups, length, dim).reshape(batch, heads, length, dim)
     return output.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _attend_prefix(grouped, keys, values, scale: float):
+    """Rows' queries ([rows, kv_heads, queries, dim]) against one prefix's one row: (output, log-sum-exp).
+
+    Every row's queries of a key/value head go in one call, as one row of queries, so that the
+    prefix's keys and values are read once however many rows there are.
+    """
+    rows, kv_heads, queries, dim = grouped.shape
+    shared = grouped.transpose(0, 1).reshape(1, kv_heads, rows * queries, dim)
+    out, lse = _attend(shared, keys, values, scale)
+    return (out.reshape(kv_heads, rows, queries, dim).transpose(0, 1),
+            lse.reshape(kv_heads, rows, queries).transpose(0, 1))
 
 
 # PyTorch's fused CPU attention kernel, which returns the log-sum-exp the merge needs (the public
@@ -118,17 +147,20 @@ class PrefixedLayer(StaticLayer):
     """A static layer for the rows' own tokens that hands attention the shared prefix beside them.
 
     Positions count from the start of the prefix (masks and position ids are the full sequence's,
-    as with a copied prefix); only the rows' own tokens are stored per row.
+    as with a copied prefix); only the rows' own tokens are stored per row. Behind several
+    prefixes (`rows` given: each prefix's batch rows), `prefix_keys` and `prefix_values` are
+    tuples and the masks count from the end of the longest prefix.
     """
 
-    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, own_len: int):
+    def __init__(self, prefix_keys, prefix_values, own_len: int, rows: tuple[torch.Tensor, ...] | None = None):
         super().__init__(max_cache_len=own_len)
-        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-        self.prefix_len = prefix_keys.shape[-2]
+        self.prefix_keys, self.prefix_values, self.rows = prefix_keys, prefix_values, rows
+        several = prefix_keys if rows is not None else (prefix_keys,)
+        self.prefix_len = max(keys.shape[-2] for keys in several)
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        return Prefixed(self.prefix_keys, keys), Prefixed(self.prefix_values, values)
+        return Prefixed(self.prefix_keys, keys, self.rows), Prefixed(self.prefix_values, values, self.rows)
 
     def get_seq_length(self):
         return self.prefix_len + super().get_seq_length()
@@ -138,10 +170,27 @@ class PrefixedLayer(StaticLayer):
 
 
 class PrefixedCache(Cache):
-    """A batch's cache behind one prefix: `prefix_cache` (one row, shared) and `own_len` tokens a row."""
+    """A batch's cache behind one prefix: `prefix_cache` (one row, shared) and `own_len` tokens a row.
 
-    def __init__(self, prefix_cache, own_len: int):
-        super().__init__(layers=[PrefixedLayer(layer.keys, layer.values, own_len) for layer in prefix_cache.layers])
+    Behind several: `prefix_cache` is a list of one-row caches and `rows[i]` the index (into that
+    list) of row i's prefix. Own tokens then start after the longest prefix (`prefix_len`), and a
+    row behind a shorter one is padded up to it in the inputs (masked; HFBackend does it).
+    """
+
+    def __init__(self, prefix_cache, own_len: int, rows=None):
+        if rows is None:
+            layers = [PrefixedLayer(layer.keys, layer.values, own_len) for layer in prefix_cache.layers]
+        else:
+            caches = list(prefix_cache)
+            if sorted(set(rows)) != list(range(len(caches))):
+                raise ValueError(f"rows must name each of the {len(caches)} prefixes, got {list(rows)}")
+            device = caches[0].layers[0].keys.device
+            members = tuple(torch.tensor([r for r, p in enumerate(rows) if p == i], device=device)
+                            for i in range(len(caches)))
+            layers = [PrefixedLayer(tuple(c.layers[n].keys for c in caches), tuple(c.layers[n].values for c in caches),
+                                    own_len, members) for n in range(len(caches[0].layers))]
+        super().__init__(layers=layers)
+        self.prefix_len = layers[0].prefix_len
 
 
 def _materialized_mask(*args, **kwargs):

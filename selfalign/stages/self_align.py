@@ -160,9 +160,10 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
         pending = [call for call in stage.read("calls.jsonl")
                    if call["id"] in source and call["id"] not in responses and call["id"] not in drops]
         def scorer_for():
-            # One long context, sixteen short citations: scored as branches of one row (scoring.score_branches).
+            # One long context, sixteen short citations: scored as branches of one row (scoring.score_branches),
+            # after the principles' cache the generation left in its backend's store (same weights).
             return scorer or ModelScorer(_loaded_for_scoring(config, engine, loaded), progress=engine.progress,
-                                         options={"branches": True})
+                                         options={"branches": True, "prefixes": getattr(engine.backend, "prefixes", None)})
 
         settle(pending, source, principle_set, config, scorer_for, origin, responses, drops)
         kept, dropped = len(responses), len(drops)
