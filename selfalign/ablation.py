@@ -36,7 +36,6 @@ from .generation import engine_for
 from .models import load_model
 from .principles import PrincipleError, PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from .records import JsonlWriter, Run, RunError, Schema, read_jsonl
-from .scoring import ModelScorer
 from .stages import self_align
 from .stages.common import check_backend, check_ranges, settings_of
 from .triggers import SELF_INSTRUCT, principle_scores
@@ -179,11 +178,10 @@ def leave_one_out(prompts: Sequence[dict], engine, principle_set: PrincipleSet, 
             todo.append((variant, number, principle_set if number is None else principle_set.without(number), rows_left))
     # Every variant's prefix starts from the full set's cache (the preamble and the rules before the
     # one left out are the same), run first so that a resumed run branches from it as a whole one does.
-    # The backend's store keeps a chunk's prefixes and the full set's, for the scorer to start from.
+    # A chunk is one batch, whose prefixes the backend's store keeps with the full set's, for the scorer.
     per_chunk = max(1, engine.batch_size // len(prompts))
     prepare = getattr(engine.backend, "cache_prefix", None)
     if todo and prepare is not None:
-        engine.backend.prefixes.capacity = max(engine.backend.prefixes.capacity, per_chunk + 1)
         prepare(render_prefix(principle_set, config.assistant))
     chunks = [todo[start:start + per_chunk] for start in range(0, len(todo), per_chunk)]
     with JsonlWriter(Path(path), ROW) if path else contextlib.nullcontext() as writer, \
@@ -375,11 +373,7 @@ def run(config: LeaveOneOutConfig, loaded=None, engine=None, scorer=None):
             loaded = load_model(sampling.model)
         engine = engine_for(sampling, loaded, progress=False)  # one bar, over the variants
     if scorer is None and config.loo_scores:
-        # One long context, sixteen short citations: scored as branches of one row, as stage 2 does,
-        # from the variant's prefix in the engine's store where the engine runs these weights.
-        own = getattr(engine.backend, "loaded", None)
-        scorer = ModelScorer(own or loaded or load_model(sampling.model), batch_size=config.batch_size, progress=False,
-                             options={"branches": True, "prefixes": getattr(engine.backend, "prefixes", None)})
+        scorer = self_align.principle_scorer(sampling, engine, loaded, progress=False)  # as stage 2 scores
     answers, summary = leave_one_out(prompts, engine, principle_set, sampling, scorer if config.loo_scores else None,
                                      stage.path / "answers.jsonl", config.loo_principles or None, progress=True)
     summary.to_csv(stage.path / "summary.csv", index=False)

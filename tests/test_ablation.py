@@ -244,6 +244,8 @@ def test_on_a_model_the_variants_branch_from_the_full_sets_prefix_and_decode_tog
         engine = Engine(backend, batch_size=4, progress=False, context_length=16384)  # tiny-random spells it out
         answers, _ = ablation.leave_one_out(prompts, engine, short, config, scorer, principles=[8, 16])
         runs[together] = answers, backend.prefixes.tokens_run, len(batches)
+    # Two variants a batch and the full set's to branch from: each variant's is still there to score from.
+    assert backend.prefixes.capacity == 3
     (alone, alone_tokens, alone_batches), (together, together_tokens, together_batches) = runs[False], runs[True]
     assert together["response"].tolist() == alone["response"].tolist()
     for a, b in zip(alone["principle_scores"], together["principle_scores"]):

@@ -106,13 +106,16 @@ def test_the_prefix_is_held_once_and_rows_hold_their_own_tokens(sharp):
 
 def test_the_static_decoder_keeps_one_decoder_per_prefix(sharp):
     backend = HFBackend(sharp, static=True)
-    backend.prefixes.capacity = 1  # the store lets the first prefix go for the second
     engine = Engine(backend, batch_size=3, progress=False)
     params = SamplingParams(temperature=0, max_new_tokens=4)
     stored = lambda text: backend.prefixes.entries[tuple(backend._prefix_ids(text))]  # noqa: E731
     engine.generate([PREFIX + s for s in SUFFIXES], params, shared_prefix=PREFIX)
     (decoder,) = backend._decoders.values()
     assert decoder.shared_prefix_cache is stored(PREFIX)
+    backend.cache_prefix("A first preamble. ")
+    assert list(backend._decoders.values()) == [decoder]  # its prefix is still stored
+    backend.cache_prefix("A second preamble. ")  # the store (two prefixes) lets the first one go
+    assert not backend._decoders
     other = "Another preamble. "
     engine.generate([other + s for s in SUFFIXES], params, shared_prefix=other)
     assert [d.shared_prefix_cache for d in backend._decoders.values()] == [stored(other)]

@@ -47,7 +47,8 @@ class HFBackend:
         self.compile = compile
         self.name = "hf-static" if static else "hf"
         # Shared prefixes' caches, by token ids; a new prefix starts from what it shares with a
-        # stored one. Two: the prefix in use, and the one it may branch from (leave-one-out keeps more).
+        # stored one. Two: the prefix in use, and the one it may branch from (a batch behind several
+        # prefixes raises it to hold them all, stream_batch).
         self.prefixes = PrefixStore(capacity=2)
         self._prefix_tokens: dict[str, list[int]] = {}  # shared prefix -> its ids, for the prefixes in use
         self._decoders: dict[tuple[int, int], StaticDecoder] = {}
@@ -98,6 +99,9 @@ class HFBackend:
         if len(distinct) > 1 and not self.multi_prefix:
             raise ValueError(f"backend {self.name!r} on this model decodes a batch behind one shared prefix only; "
                              "decode each prefix's prompts apart (Engine.generate_groups does)")
+        # The store keeps a batch's prefixes and one to branch from, so that the next batch behind the
+        # same prefixes, or a scorer after this one (stage 2, leave-one-out), finds them.
+        self.prefixes.capacity = max(self.prefixes.capacity, len(distinct) + 1)
         pad_id = self.tokenizer.pad_token_id
         encoded = [self._split_encode(p, text) for p, text in zip(prompts, prefixes or [None] * len(prompts))]
         prefix_ids = {text: self._prefix_ids(text) for text in distinct}

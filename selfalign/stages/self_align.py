@@ -160,10 +160,7 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
         pending = [call for call in stage.read("calls.jsonl")
                    if call["id"] in source and call["id"] not in responses and call["id"] not in drops]
         def scorer_for():
-            # One long context, sixteen short citations: scored as branches of one row (scoring.score_branches),
-            # after the principles' cache the generation left in its backend's store (same weights).
-            return scorer or ModelScorer(_loaded_for_scoring(config, engine, loaded), progress=engine.progress,
-                                         options={"branches": True, "prefixes": getattr(engine.backend, "prefixes", None)})
+            return scorer or principle_scorer(config, engine, loaded, progress=engine.progress)
 
         settle(pending, source, principle_set, config, scorer_for, origin, responses, drops)
         kept, dropped = len(responses), len(drops)
@@ -203,16 +200,18 @@ def settle(calls, source, principle_set, config, scorer_for, origin, responses, 
             responses.write(record)
 
 
-def _loaded_for_scoring(config, engine, loaded):
-    """The Hugging Face model that scores: the engine's own, or (vLLM) the same weights loaded once more."""
+def principle_scorer(config, engine, loaded=None, progress: bool = True) -> ModelScorer:
+    """The scorer of principle_scores (here and in leave-one-out): the engine's own Hugging Face
+    model, or (vLLM, replicas) `loaded` or `config.model` loaded once more. One long context and
+    sixteen short citations are scored as branches of one row (scoring.score_branches), from the
+    principles' cache the generation left in its backend's store where it ran these same weights."""
     backend_loaded = getattr(engine.backend, "loaded", None)
-    if backend_loaded is not None:
-        return backend_loaded
-    if loaded is not None:
-        return loaded
-    from ..models import load_model
+    if backend_loaded is None and loaded is None:
+        from ..models import load_model
 
-    return load_model(config.model)
+        loaded = load_model(config.model)
+    prefixes = getattr(engine.backend, "prefixes", None) if backend_loaded is not None else None
+    return ModelScorer(backend_loaded or loaded, progress=progress, options={"branches": True, "prefixes": prefixes})
 
 
 def tables(run: str, runs_dir: str = "runs") -> dict:
