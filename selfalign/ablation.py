@@ -56,6 +56,9 @@ class LeaveOneOutConfig(GenerationSettings):
     loo_max_new_tokens: int = 96  # per response; the sampling settings are otherwise stage 2's
     loo_principles: tuple[int, ...] = ()  # the principles left out, one at a time; (): every one
     loo_scores: bool = True  # score each answer's principle_scores (the likelihood of citing each principle)
+    # Rows decoded together: 9 variants of the book's 2 prompts, so that its 17 variants decode in two
+    # batches; at 16 a third one held a single variant and cost 9 s of 64 (benchmarks/RESULTS.md).
+    batch_size: int = 18
 
     def __post_init__(self):
         check_ranges(self, positive=("loo_prompts", "loo_max_new_tokens"))
