@@ -1,5 +1,6 @@
 """Stage 5 on the tiny random model: every model of a run on the same sampled items, resumably."""
 
+import contextlib
 import json
 
 import pytest
@@ -72,6 +73,19 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
     calls = stage.read("calls.jsonl")
     assert sorted(c["id"].split(":")[0] for c in calls) == ["base", "base", "engraved", "engraved"]
     assert all(c["prompt"].endswith("\n\n### Camel\n") and "### Dromedary" not in c["prompt"] for c in calls)
+    # Both models' answers were decoded in the same batch, each row through its own model: they are
+    # each model's answers alone (the engraved one with its adapter merged, as scoring applies it).
+    from selfalign.generation import SamplingParams, engine_for
+    from selfalign.training import adapted_for_generation
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, stop=(ChatFormat(**CAMEL).stop,))
+    for label, adapter in (("base", None), ("engraved", Run("r", runs).stage("engrave").adapter)):
+        mine = [c for c in calls if c["id"].startswith(label + ":")]
+        with adapted_for_generation(tiny, adapter) if adapter else contextlib.nullcontext(tiny) as model:
+            alone = engine_for(config, model, truncate="left").generate([c["prompt"] for c in mine], params)
+        assert [c.text for c in alone] == [c["completion"] for c in mine]
+    assert {c["completion"] for c in calls if c["id"].startswith("base:")} != \
+        {c["completion"] for c in calls if c["id"].startswith("engraved:")}  # so that the comparison can fail
     # The base model must come back without the adapter.
     assert not any("lora" in name for name, _ in tiny.model.named_parameters())
 

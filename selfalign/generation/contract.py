@@ -96,7 +96,8 @@ class Backend(Protocol):
     yielding each (prompts, seeds) batch's completions in order: the engine then hands it every
     batch at once, so that it can run several together (replicas.py). One whose `multi_prefix` is
     true takes, in `stream_batch`, a list of each prompt's shared prefix (several different ones in
-    a batch) and `grammars=` one per prompt (`Engine.generate_groups`; hf.py)."""
+    a batch) and `grammars=` one per prompt (`Engine.generate_groups`; hf.py). One whose
+    `mixes_adapters` is true takes `adapters=`, each prompt's LoRA adapter name (`Engine.stream`)."""
 
     name: str
 

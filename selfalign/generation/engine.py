@@ -53,10 +53,10 @@ class Engine:
                              "use engine_for() for the others")
         return cls(HFBackend(loaded, static=backend == "hf-static"), context_length=loaded.context_length, **options)
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams,
-                 shared_prefix: str | None = None, keys: Sequence | None = None) -> list[Completion]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, shared_prefix: str | None = None,
+                 keys: Sequence | None = None, adapters: Sequence[str | None] | None = None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)
-        for index, completion in self.stream(prompts, params, shared_prefix, keys):
+        for index, completion in self.stream(prompts, params, shared_prefix, keys, adapters):
             results[index] = completion
         return results  # type: ignore[return-value]
 
@@ -71,10 +71,20 @@ class Engine:
         return {i: n for i, n in enumerate(lengths) if n > budget}
 
     def stream(self, prompts: Sequence[str], params: SamplingParams, shared_prefix: str | None = None,
-               keys: Sequence | None = None) -> Iterator[tuple[int, Completion]]:
+               keys: Sequence | None = None, adapters: Sequence[str | None] | None = None
+               ) -> Iterator[tuple[int, Completion]]:
         """Yield (index into prompts, completion) as batches finish. `keys` (e.g. record ids) seed
-        each prompt's sampling; by default the text and its occurrence count do."""
+        each prompt's sampling; by default the text and its occurrence count do. `adapters` names
+        each prompt's LoRA adapter (None: the base model) on a model holding several
+        (`training.adapters_for_generation`), mixed in a batch where the backend can (`mixes_adapters`)."""
         prompts, keys, lengths, budget = self._checked(prompts, params, shared_prefix, keys)
+        if adapters is not None:
+            adapters = list(adapters)
+            if len(adapters) != len(prompts):
+                raise ValueError("adapters are one per prompt (None: the base model)")
+            if not getattr(self.backend, "mixes_adapters", False) or hasattr(self.backend, "run_batches"):
+                raise ValueError(f"backend {self.backend.name!r} cannot mix adapters in a batch; apply one "
+                                 "adapter (training.adapted_for_generation) and generate its prompts apart")
         # Longest first, so that a batch that does not fit in memory fails at once, not at the end.
         order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
         from tqdm.auto import tqdm
@@ -82,13 +92,14 @@ class Engine:
         chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         batches = (([prompts[i] for i in chunk], [prompt_seed(params.seed, keys[i]) for i in chunk])
                    for chunk in chunks)
+        extra = (({"adapters": [adapters[i] for i in chunk]} if adapters is not None else {}) for chunk in chunks)
         # A backend with several replicas (replicas.py) runs some batches at once, handing them back in order.
         run_batches = getattr(self.backend, "run_batches", None)
         if run_batches is not None:
             results = run_batches(batches, params, shared_prefix, budget)
         else:
-            results = (self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget)
-                       for texts, seeds in batches)
+            results = (self.backend.stream_batch(texts, params, seeds, shared_prefix, max_prompt_tokens=budget, **more)
+                       for (texts, seeds), more in zip(batches, extra))
         with tqdm(total=len(prompts), unit="prompt", disable=not self.progress, desc="generating") as bar:
             for chunk, outputs in zip(chunks, results):
                 for index, completion in zip(chunk, outputs):

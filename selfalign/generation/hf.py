@@ -85,14 +85,25 @@ class HFBackend:
         "hf" where the model has shared-prefix attention. The engine asks (`generate_groups`)."""
         return not self.static and self.share_prefix
 
-    def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None, grammars=None):
+    @property
+    def mixes_adapters(self) -> bool:
+        """Whether a batch may mix LoRA adapters (`stream_batch` given `adapters`): "hf"."""
+        return not self.static
+
+    def stream_batch(self, prompts, params, seeds, shared_prefix=None, max_prompt_tokens=None, grammars=None,
+                     adapters=None):
         """Complete one batch (the engine's `Backend` contract).
 
         `shared_prefix` is one prefix of every prompt, or a list of each prompt's own (several
         different ones only where `multi_prefix`). `grammars`, one per prompt (None: free), holds
         each row to its own grammar in place of `params.grammar`, which must then be None.
+        `adapters`, one per prompt, names the LoRA adapter each row runs through (None: none),
+        on a model holding them unmerged (`training.adapters_for_generation`).
         """
         import torch
+
+        if adapters is not None and not self.mixes_adapters:
+            raise ValueError(f"backend {self.name!r} cannot mix adapters in a batch")
 
         prefixes = _per_row(shared_prefix, len(prompts))
         distinct = list(dict.fromkeys(prefixes)) if prefixes is not None else []
@@ -170,7 +181,7 @@ class HFBackend:
             else:
                 kwargs[cache_keyword(self.model)] = self._batch_cache(caches[0], len(prompts), total)
 
-        with torch.inference_mode(), attention:
+        with torch.inference_mode(), attention, _adapter_rows(self.model, adapters):
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [self._finish(ids, len(e), params) for ids, e in zip(new_tokens, encoded)]
@@ -288,6 +299,35 @@ class HFBackend:
         if end is not None:
             return Completion(text, "eos", prompt_tokens, end + 1)
         return Completion(text, "length", prompt_tokens, len(ids))
+
+
+@contextlib.contextmanager
+def _adapter_rows(model, adapters):
+    """Route each row of the batch through its adapter: peft's LoRA layers take `adapter_names`,
+    one per row ("__base__": none), which a pre-forward hook hands every one of them, as peft's
+    own `generate(adapter_names=...)` does on a PeftModel (the engine drives the model inside it)."""
+    if adapters is None:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    known = {name for layer in layers for name in layer.lora_A}
+    unknown = sorted({a for a in adapters if a is not None} - known)
+    if unknown:
+        raise ValueError(f"adapters {unknown} are not on the model (it holds {sorted(known) or 'none'}); "
+                         "apply them with training.adapters_for_generation")
+    names = ["__base__" if a is None else a for a in adapters]
+
+    def hand_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [layer.register_forward_pre_hook(hand_names, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _per_row(shared_prefix, rows: int) -> list[str] | None:

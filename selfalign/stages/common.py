@@ -27,7 +27,8 @@ from ..records import JsonlWriter, RunError, read_jsonl
 def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Engine, params: SamplingParams,
                   make_record: Callable[[str, str, Completion], dict], shared_prefix: str | None = None, *,
                   drops: JsonlWriter | None = None, drop_fields: Callable[[str], dict] | None = None,
-                  prompts: dict[str, str] | None = None, earlier: dict[str, dict] | None = None) -> int:
+                  prompts: dict[str, str] | None = None, earlier: dict[str, dict] | None = None,
+                  adapters: dict[str, str | None] | None = None) -> int:
     """Generate for the (key, prompt text) items not yet on disk; return how many records were written.
 
     Each record is written as soon as its batch returns, so an interruption loses at most one batch,
@@ -35,7 +36,8 @@ def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Eng
     `refuse_stale` has checked that their text is unchanged. With `drops`, a prompt too long for
     the context is written there (id, `drop_fields(key)`, reason, its hash) and the rest go on;
     without, the engine refuses it. `prompts` and `earlier` are as for `refuse_stale`; `earlier`
-    defaults to what the writer's and the drops' files hold.
+    defaults to what the writer's and the drops' files hold. `adapters` ({key: adapter name or
+    None}) runs each item through its own adapter (`Engine.stream`).
     """
     if earlier is None:
         earlier = on_disk(writer.path, drops.path if drops is not None else None)
@@ -48,7 +50,8 @@ def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Eng
     written = 0
     texts, keys = [text for _, text in todo], [key for key, _ in todo]
     # Seeding by record key makes each record's sample the same whether or not the run was resumed.
-    for index, completion in engine.stream(texts, params, shared_prefix, keys=keys):
+    for index, completion in engine.stream(texts, params, shared_prefix, keys=keys,
+                                           adapters=[adapters[key] for key in keys] if adapters else None):
         key, text = todo[index]
         record = make_record(key, text, completion)
         record["input_sha256"] = input_sha256(text)  # in place: a caller may keep the record it made

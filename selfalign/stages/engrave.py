@@ -137,20 +137,27 @@ def side_by_side(loaded, prompts: list[str], adapters: dict[str, str | Path], ch
                  max_new_tokens: int = 96, seed: int = 0):
     """Answers to the same prompts, in the training format with no principles, from the base model
     and from each adapter ({column name: adapter directory}), greedy so that differences come
-    from the weights. One row per prompt."""
+    from the weights. One row per prompt. Every model's answers are decoded in the same batches,
+    each row through its own adapter (`training.adapters_for_generation`)."""
     import pandas as pd
 
     from ..generation import Engine, SamplingParams
-    from ..training import adapted_for_generation
+    from ..training import adapters_for_generation
 
     chat = chat or ChatFormat.load()
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=(chat.stop,), seed=seed)
     texts = [chat.prompt(p) for p in prompts]
+    columns = [None, *adapters]  # None: the base model
+    rows = [(column, i) for column in columns for i in range(len(texts))]
     table = pd.DataFrame({"prompt": prompts})
-    table["base"] = [c.text.strip() for c in Engine.for_model(loaded, progress=False).generate(texts, params)]
-    for name, directory in adapters.items():
-        with adapted_for_generation(loaded, directory) as adapted:
-            table[name] = [c.text.strip() for c in Engine.for_model(adapted, progress=False).generate(texts, params)]
+    # Adapters by position: a column's name may hold characters peft's module names may not.
+    names = {column: f"adapter{k}" for k, column in enumerate(adapters)}
+    with adapters_for_generation(loaded, {names[c]: adapters[c] for c in adapters}) as model:
+        completions = Engine.for_model(model, batch_size=16, progress=False).generate(
+            [texts[i] for _, i in rows], params, keys=[f"{names.get(c, 'base')}/{i}" for c, i in rows],
+            adapters=[names.get(c) for c, _ in rows])
+    for k, column in enumerate(columns):
+        table[column or "base"] = [c.text.strip() for c in completions[k * len(texts):(k + 1) * len(texts)]]
     return table
 
 

@@ -13,7 +13,8 @@ The conversation format itself is `selfalign.chat_format`, since evaluation and 
 without training. Importing this package does not import torch; the functions do when called.
 """
 
-from .adapters import adapted_for_generation, adapter_info, apply_adapter, generation_model, model_shape, remove_adapter
+from .adapters import (adapted_for_generation, adapter_info, adapters_for_generation, apply_adapter, generation_model,
+                       model_shape, remove_adapter)
 from .checkpoints import CheckpointError
 from .compare import answer_logprobs, compare_on, plot_loss
 from .examples import Example, build_examples, load_identity, loss_mask_html, split_holdout
@@ -22,8 +23,8 @@ from .lora import train_lora
 from .settings import TrainSettings, batch_schedule, load_for_training, process_state, train_settings
 
 __all__ = [
-    "CheckpointError", "Example", "TrainSettings", "adapted_for_generation", "adapter_info", "answer_logprobs",
-    "apply_adapter", "batch_schedule", "build_examples", "compare_on", "fit_and_compare", "generation_model",
+    "CheckpointError", "Example", "TrainSettings", "adapted_for_generation", "adapter_info", "adapters_for_generation",
+    "answer_logprobs", "apply_adapter", "batch_schedule", "build_examples", "compare_on", "fit_and_compare", "generation_model",
     "load_for_training", "load_identity", "loss_mask_html", "model_shape", "plot_loss", "process_state", "remove_adapter",
     "split_holdout", "train_lora", "train_settings",
 ]
