@@ -89,7 +89,7 @@ pd.DataFrame(records, columns=["status", "type"]).fillna({"type": widgets.SELF_I
 # set's key/value cache and runs only the rest (`generation.cache.PrefixStore`, like a serving
 # engine's prefix cache). Variants are then decoded several at a time, each row attending to its
 # own variant's prefix (`Engine.generate_groups`), and the likelihood scores start from the same
-# caches. On this project's 2 CPU cores the seventeen variants take about two and a half minutes
+# caches. On this project's 2 CPU cores the seventeen variants take under three minutes
 # (benchmarks/RESULTS.md). Each chunk of variants is appended to
 # `runs/<run>/leave_one_out/answers.jsonl` when it finishes, and a rerun resumes.
 # `selfalign leave-one-out --run RUN` runs the same from the command line
