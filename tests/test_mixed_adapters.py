@@ -68,6 +68,9 @@ def test_adapters_are_refused_where_they_cannot_be_mixed(adapters):
     with adapters_for_generation(loaded, {"first": adapters / "first"}) as model:
         with pytest.raises(ValueError, match=r"\['third'\] are not on the model"):
             Engine.for_model(model, progress=False).generate(PROMPTS[:1], PARAMS, adapters=["third"])
+        with pytest.raises(ValueError, match="shared prefix"):
+            Engine.for_model(model, progress=False).generate(PROMPTS[:2], PARAMS, shared_prefix="User: ",
+                                                             adapters=[None, "first"])
     with pytest.raises(ValueError, match="holds none"):
         Engine.for_model(loaded, progress=False).generate(PROMPTS[:1], PARAMS, adapters=["first"])
 
@@ -79,6 +82,7 @@ def test_side_by_side_puts_each_models_answers_in_its_column(adapters):
     loaded = load_model(str(adapters / "model"))
     prompts = ["hello there", "name three rivers"]
     table = side_by_side(loaded, prompts, {"first (x.y)": adapters / "first"}, max_new_tokens=8)
+    assert side_by_side(loaded, prompts, {}, max_new_tokens=8)["base"].tolist() == table["base"].tolist()
     assert list(table.columns) == ["prompt", "base", "first (x.y)"]
     from selfalign.chat_format import ChatFormat
 

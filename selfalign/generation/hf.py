@@ -104,6 +104,8 @@ class HFBackend:
 
         if adapters is not None and not self.mixes_adapters:
             raise ValueError(f"backend {self.name!r} cannot mix adapters in a batch")
+        if adapters is not None and shared_prefix is not None:
+            raise ValueError("a shared prefix's cache is one model's: rows through different adapters cannot share it")
 
         prefixes = _per_row(shared_prefix, len(prompts))
         distinct = list(dict.fromkeys(prefixes)) if prefixes is not None else []

@@ -107,8 +107,9 @@ def adapters_for_generation(loaded: LoadedModel, adapter_dirs: dict[str, str | P
     """
     from peft import PeftModel
 
-    if not adapter_dirs:
-        raise ValueError("no adapters given")
+    if not adapter_dirs:  # every prompt then runs through the base model
+        yield loaded
+        return
     model = None
     try:
         for name, directory in adapter_dirs.items():
