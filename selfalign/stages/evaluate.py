@@ -29,7 +29,7 @@ table (one row per benchmark and metric, one column per model).
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +126,12 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
                     result = _score(benchmark, scorer, data, chat)
                     _write(items, summary, result, label, benchmark)
                 if "vicuna" in config.benchmarks and not together:
-                    answers[label] = _answer(stage, model, label, adapter, data["vicuna"], chat, config)
+                    # `model` is adapted for the Hugging Face backends; vLLM and replicas apply `adapter` themselves.
+                    answers.update(_answer(stage, {label: adapter}, data["vicuna"], chat, config, lambda: nullcontext(
+                        engine_for(config, model, adapter=str(adapter) if adapter else None, truncate="left"))))
         if together:
-            answers = _answer_together(stage, loaded, models, data["vicuna"], chat, config)
+            answers = _answer(stage, models, data["vicuna"], chat, config,
+                              lambda: _engine_with_adapters(loaded, models, config), mixed=True)
         if "vicuna" in config.benchmarks and len(models) > 1:
             judge = load_model(config.judge) if config.judge else loaded
             for label in [m for m in models if m != "base"]:
@@ -211,27 +214,17 @@ def _write(items, summary, result, label: str, unit: str) -> None:
                        "note": record.get("note") or ""})
 
 
-def _answer(stage, model, label: str, adapter, questions: list[dict], chat: ChatFormat, config) -> list[str]:
-    """Greedy answers of one model (`model`, the base with `adapter` applied) to the Vicuna
-    questions (resumable), in question order; with replicas > 1 each replica applies `adapter`."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens, stop=(chat.stop,),
-                            seed=config.seed)
-    origin = provenance(f"{config.model}:{label}", params.to_dict(), config.seed)
-    items = _vicuna_items(label, {"vicuna": questions}, chat)
-    with stage.writer("calls.jsonl", "generation/1") as calls:
-        if any(key not in calls for key, _ in items):  # else no engine (nor replicas) to start
-            # Cut from the left, a long question still gets an answer, so nothing is dropped here.
-            engine = engine_for(config, model, adapter=str(adapter) if adapter else None, truncate="left")
-            generate_into(calls, items, engine, params,
-                          lambda key, text, completion: generation_record(key, text, completion, origin))
-    by_key = {row["id"]: row["completion"].strip() for row in stage.read("calls.jsonl")}
-    return [by_key[key] for key, _ in items]
+def _answer(stage, models: dict, questions: list[dict], chat: ChatFormat, config, open_engine,
+            mixed: bool = False) -> dict[str, list[str]]:
+    """{label: that model's greedy answers to the Vicuna questions, in question order}, resumable.
 
-
-def _answer_together(stage, loaded, models: dict, questions: list[dict], chat: ChatFormat, config) -> dict:
-    """{label: its greedy answers} as `_answer` gives them, every model's decoded in the same batches
-    (`training.adapters_for_generation`): the book's 3 models took 0.7x the time of one model at a
-    time, with the same answers (benchmarks/RESULTS.md)."""
+    `open_engine()` gives a context holding the engine (which cuts a long question from the left, so
+    that it still gets an answer); it is opened only when an answer is missing (so that a resumed
+    stage starts no engine, nor replicas). `mixed`: the engine's model holds
+    every adapter of `models` ({label: adapter or None}) and each call runs through its model's
+    (`training.adapters_for_generation`), all decoded in the same batches: the book's 3 models took
+    0.7x the time of one model at a time, with the same answers (benchmarks/RESULTS.md).
+    """
     params = SamplingParams(temperature=0.0, max_new_tokens=config.max_new_tokens, stop=(chat.stop,),
                             seed=config.seed)
     items = {label: _vicuna_items(label, {"vicuna": questions}, chat) for label in models}
@@ -240,14 +233,21 @@ def _answer_together(stage, loaded, models: dict, questions: list[dict], chat: C
     with stage.writer("calls.jsonl", "generation/1") as calls:
         todo = [pair for pairs in items.values() for pair in pairs]
         if any(key not in calls for key, _ in todo):
-            with adapters_for_generation(loaded, {label: a for label, a in models.items() if a}) as model:
-                engine = engine_for(config, model, truncate="left")
+            with open_engine() as engine:
                 generate_into(calls, todo, engine, params,
                               lambda key, text, completion: generation_record(key, text, completion,
                                                                               origins[label_of[key]]),
-                              adapters={key: label_of[key] if models[label_of[key]] else None for key in label_of})
+                              adapters={key: label if models[label] else None for key, label in label_of.items()}
+                              if mixed else None)
     by_key = {row["id"]: row["completion"].strip() for row in stage.read("calls.jsonl")}
     return {label: [by_key[key] for key, _ in pairs] for label, pairs in items.items()}
+
+
+@contextmanager
+def _engine_with_adapters(loaded, models: dict, config):
+    """The engine on the base model holding every adapter of `models`, for `_answer(mixed=True)`."""
+    with adapters_for_generation(loaded, {label: adapter for label, adapter in models.items() if adapter}) as model:
+        yield engine_for(config, model, truncate="left")
 
 
 def _vicuna_items(label: str, data: dict, chat: ChatFormat) -> list[tuple[str, str]]:
