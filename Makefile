@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny
 
-.PHONY: setup setup-run setup-book browser test test-quick run book lab benchmark vllm test-vllm clean
+.PHONY: setup setup-run setup-book browser tiny-llama test test-quick run book lab benchmark vllm test-vllm clean
 
 setup: $(VENV)/.installed
 setup-run: $(VENV)/.installed-run
@@ -74,10 +74,15 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "browser: no /usr/bin/chromium; 'sudo apt-get install chromium' runs the browser test"; fi
 
-test: setup
+# tiny-llama (LLaMA-1's tokenizer and context, random weights) is what the tests check the LLaMA shape
+# on; preparing it downloads llama-cpp-python's source once (76 MB, for the vocabulary) with pip.
+tiny-llama: setup-run
+	$(BIN)/selfalign model prepare --name tiny-llama
+
+test: setup tiny-llama
 	$(BIN)/python -m pytest
 
-test-quick: setup
+test-quick: setup tiny-llama
 	$(BIN)/python -m pytest -m "not slow"
 
 run: setup-run

@@ -8,7 +8,8 @@ principle_scores, the stage's wall time and generated tokens per second of it (s
 Sampled lengths differ between variants, so the grammar's own cost is timed apart: the first
 variant's completions are replayed, 8 rows at a time, through `GrammarConstraint` (consume each
 row's token, fill its mask, apply it to the logits), against the model's decode step at batch 8.
-Run: `.venv/bin/python benchmarks/triggers.py [--prompts 16] [--variant 'constrain_format=false' ...]`.
+`--rev REV` adds the first variant under that git revision's principles, exemplars and template.
+Run: `.venv/bin/python benchmarks/triggers.py [--prompts 16] [--variant 'constrain_format=false' ...] [--rev 7870612]`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from selfalign.models import DEFAULT_MODEL, load_model
 from selfalign.principles import load_principle_set
 from selfalign.records import Run
 from selfalign.stages import self_align
+
+from prompt_budget import principle_files  # this folder's script, on the path when run as a script
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -58,16 +61,24 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--variant", action="append",
                         help="comma-separated stage-2 settings, e.g. constrain_format=false (default: on and off)")
+    parser.add_argument("--rev", action="append", default=[],
+                        help="also the first variant under the principles, exemplars and template of this git revision")
     args = parser.parse_args()
     variants = args.variant or ["constrain_format=true", "constrain_format=false"]
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
+        labels = list(variants)
+        for rev in args.rev:  # the same settings, another revision's principle files (git show)
+            files = dict(zip(("principles", "exemplars", "template"), principle_files(rev, Path(tmp))))
+            variants.append(",".join([variants[0], *(f"{k}={json.dumps(str(v))}" for k, v in files.items())]))
+            labels.append(f"{labels[0]}, principles of {rev}")
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_set(args.prompts)))
         rows = []
-        for index, variant in enumerate(variants):
+        for index, (variant, label) in enumerate(zip(variants, labels)):
+            # min_responses 0: a variant that keeps few is a row of this table, not a failed run.
             config = self_align.SelfAlignConfig(run=f"v{index}", runs_dir=tmp, model=args.model, prompts=str(prompts),
-                                                limit=0, **settings_of(variant))
+                                                limit=0, min_responses=0, **settings_of(variant))
             started = time.perf_counter()
             manifest = self_align.run(config, loaded=loaded)
             wall = time.perf_counter() - started
@@ -77,7 +88,7 @@ def main() -> None:
             scored = sum(1 for r in kept if r.get("principle_scores"))
             tokens = sum(c["completion_tokens"] for c in calls)
             n = manifest["counts"]["prompts"]
-            rows.append((variant, f"{len(kept)}/{n} ({len(kept) / n:.0%})",
+            rows.append((label, f"{len(kept)}/{n} ({len(kept) / n:.0%})",
                          f"{valid}/{len(kept)} ({valid / max(len(kept), 1):.0%})", f"{scored}/{len(kept)}",
                          f"{wall:.0f}", f"{tokens / wall:.1f}", json.dumps(manifest["counts"]["drop_reasons"])))
         config = self_align.SelfAlignConfig(**settings_of(variants[0]))

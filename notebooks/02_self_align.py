@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,6 +55,7 @@ prompts: str = ""  # a prompt file; "": this run's stage-1 prompts
 limit: int = 16  # answer the first N prompts (0: all)
 max_new_tokens: int = 160  # per answer (the paper used 256)
 assistant: str = "Watson"  # the name the model answers under
+min_responses: int = 5  # fewer kept answers fail the stage (0: accept none); stage 3 needs 5 by default
 seed: int = 0  # sampling seed
 settings: dict = {}  # any other setting of the stage (the profile's; `selfalign stage self-align --help` lists them)
 
@@ -80,7 +81,7 @@ print(render_prompt(principles, "What is the weather like in Paris right now?", 
 loaded = load_model(model)
 config = self_align.SelfAlignConfig(run=run, runs_dir=runs_dir, model=model, backend=backend, replicas=replicas,
                                     prompts=prompts, limit=limit, max_new_tokens=max_new_tokens, assistant=assistant,
-                                    seed=seed, **settings)
+                                    min_responses=min_responses, seed=seed, **settings)
 manifest = self_align.run(config, loaded=loaded)
 pd.Series(manifest["counts"]["drop_reasons"], name="dropped", dtype=int).to_frame()
 

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -84,7 +84,7 @@ pd.DataFrame(records, columns=["status", "type"]).fillna({"type": widgets.SELF_I
 # format grammar included, with `loo_max_new_tokens` per answer: once with all sixteen
 # principles, then once without each principle of `loo_principles` (its rule line and its
 # citations in the exemplars are gone, and its grammar cannot cite it). Seventeen prompt
-# prefixes of 2,500 tokens would be most of the cost, but they are not seventeen times new: a
+# prefixes of 1,400 tokens would be most of the cost, but they are not seventeen times new: a
 # variant's prefix is the full set's up to the rule it leaves out, so it starts from the full
 # set's key/value cache and runs only the rest (`generation.cache.PrefixStore`, like a serving
 # engine's prefix cache). Variants are then decoded several at a time, each row attending to its
@@ -118,7 +118,7 @@ ablation.plot_leave_one_out(summary);
 
 # %% [markdown]
 # **What this shows on a 135M model.** Read the chart as what a small model does with a prompt
-# of 2,500 tokens, not as what each principle means. Removing any principle changes the prompt,
+# of 1,400 tokens, not as what each principle means. Removing any principle changes the prompt,
 # and sampling at stage 2's temperature lets that change ripple through everything after it, so
 # a removal "moves" responses that have nothing to do with it, and with two prompts one changed
 # response decides a row. The cell below counts the removals that changed a response at all: in

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -90,6 +90,21 @@ with pd.option_context("display.max_colwidth", None):  # the reasons are sentenc
 # %%
 with pd.option_context("display.max_colwidth", None):
     display(pd.DataFrame(paper.NOT_SETTINGS, columns=["stage", "the paper", "ours", "why"]).set_index("stage"))
+
+# %% [markdown]
+# `full` generates on the `hf` backend in one process. Its companion `profiles/full-cluster.yaml`
+# is the same run laid out for 65B: each generating stage on vLLM, a replica over a node's 8 GPUs
+# (tensor parallel), one replica per node on Ray. `selfalign run --profile full-cluster --dry-run
+# --processes 32 -p model DIR` prints its settings, each stage's longest prompt against the model's
+# context, and each stage's GPU-hours on that layout (`selfalign.cost`, as in the sections below).
+
+# %%
+from selfalign.config import GenerationSettings
+
+cluster = resolve(load_profile("full-cluster")).stages
+pd.DataFrame([{"stage": name, "backend": c.backend, "tensor_parallel_size": c.tensor_parallel_size,
+               "replicas": c.replicas} for name, c in cluster.items()
+              if isinstance(c, GenerationSettings)]).set_index("stage")
 
 # %% [markdown]
 # ## Memory: what fits on which cards

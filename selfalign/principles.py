@@ -233,7 +233,12 @@ def rules_sentence(principle_set: PrincipleSet, cites) -> str:
 
 def render_prefix(principle_set: PrincipleSet, assistant: str) -> str:
     """Everything before the user's query: preamble, rules and exemplar dialogues. The same for
-    every query, so the engine can compute its key/value cache once."""
+    every query, so the engine can compute its key/value cache once.
+
+    It ends at the last exemplar's closing line, not at the blank line after it, so that the whole
+    prompt's tokens start with the prefix's own for every tokenizer: a byte-level BPE (the embedded
+    model's) writes a blank line at the end of a text as one token but as two before "User:", which
+    is how the exemplars' turns read."""
     t = principle_set.template
 
     def fill(text: str) -> str:
@@ -247,14 +252,14 @@ def render_prefix(principle_set: PrincipleSet, assistant: str) -> str:
         parts += ["", fill(t["user_turn"].replace("{text}", e.user)), "",
                   fill(t["thoughts_turn"].replace("{text}", thoughts)), "",
                   fill(t["answer_turn"].replace("{text}", fill(e.answer))), "", fill(t["closing"])]
-    return "\n".join(parts) + "\n\n"
+    return "\n".join(parts)
 
 
 def render_prompt(principle_set: PrincipleSet, query: str, assistant: str = "Watson") -> str:
     """The whole in-context prompt; the model continues right after the internal-thoughts marker."""
     t = principle_set.template
     thoughts_marker = t["thoughts_turn"].split("{text}")[0].replace("{assistant}", assistant).rstrip()
-    return (render_prefix(principle_set, assistant) + t["user_turn"].replace("{text}", query.strip())
+    return (render_prefix(principle_set, assistant) + "\n\n" + t["user_turn"].replace("{text}", query.strip())
             + "\n\n" + thoughts_marker)
 
 

@@ -14,6 +14,10 @@ its own section, then the command line's `-p KEY VALUE` (every stage and chapter
 settings, and `selfalign run` (the notebooks) hands each stage notebook the same ones, so
 `selfalign run --dry-run` shows what either would run, without loading a model or writing a file.
 
+A profile may start from another with `extends: NAME` (a profile name, or a YAML file beside it):
+the other's sections, then this one's, merged key by key (`profiles/full-cluster.yaml` is `full`
+with a cluster's layout). A stage's own section still wins over `all:`, whichever file holds it.
+
 A key that no stage has, a value of the wrong type, or a section that is not a stage is refused with
 its name. This module resolves settings; it runs nothing.
 """
@@ -65,11 +69,14 @@ class Resolved:
         return out
 
 
-def load_profile(name: str) -> dict:
-    """A profile's mapping, from `profiles/<name>.yaml` or a YAML file path; its sections checked."""
+def load_profile(name: str, _extending: tuple[Path, ...] = ()) -> dict:
+    """A profile's mapping, from `profiles/<name>.yaml` or a YAML file path, over the profile it
+    `extends` if it names one; its sections checked."""
     import yaml
 
     path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
+    if _extending and name.endswith((".yaml", ".yml")) and not path.is_absolute():
+        path = _extending[-1].parent / path  # a file named by `extends` is beside the one naming it
     if not path.is_file():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no profile {name!r}: choose one of {known} or give a YAML file")
@@ -79,6 +86,18 @@ def load_profile(name: str) -> dict:
         raise ProfileError(f"{path}: not valid YAML ({problem})") from None
     if not isinstance(values, dict):
         raise ProfileError(f"{path}: expected a mapping of stage names to settings")
+    base = values.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ProfileError(f"{path}: 'extends' names one profile, got {base!r}")
+        if path.resolve() in _extending:
+            raise ProfileError(f"{path}: 'extends: {base}' comes back to itself")
+        parent = load_profile(base, (*_extending, path.resolve()))
+        for key, section in values.items():  # checked below, once merged
+            if not isinstance(section, dict):
+                raise ProfileError(f"{path}: section {key!r} must be a mapping of settings, "
+                                   f"got {type(section).__name__}")
+        values = {key: {**parent.get(key, {}), **values.get(key, {})} for key in {**parent, **values}}
     sections = {"all", "chapters", *STAGES}
     for key, section in values.items():
         if key not in sections:

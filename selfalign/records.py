@@ -10,10 +10,13 @@ Each record names its schema (`"schema": "generation/1"`) and carries provenance
 generation parameters, principle-set hash, seed). This module does not know what stages compute.
 
 One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`, see `locking`) on
-`runs/<run>/.<stage>.lock` and holds it until the stage finishes or the process ends, however it
-ends, so a kill -9 leaves no stale lock. A restart sets the stage's files aside in
-`runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through `Run`, which
-refuses a name that is not a plain folder name (so nothing is written outside the runs directory).
+`runs/<run>/.<stage>.lock` and holds it until the stage finishes or fails or the process ends,
+however it ends, so a kill -9 leaves no stale lock. A stage that ran but kept too little for the
+next one (`Stage.fail`) is marked `failed` with its counts and a one-line `failure`; it is not
+finished, so the next stage refuses it, and a rerun resumes it as it would a running one. A
+restart sets the stage's files aside in `runs/<run>/<stage>.previous/` rather than deleting them.
+Every run name goes through `Run`, which refuses a name that is not a plain folder name (so
+nothing is written outside the runs directory).
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ FORMAT_VERSION = 1  # the layout of run directories; runs made under another one
 
 class RunError(RuntimeError):
     """A run directory that cannot be used as asked; the message says why and what to do."""
+
+
+class StageFailed(RunError):
+    """A stage that ran but kept too little for the next stage (`Stage.fail`); its manifest says
+    `failed`, with the counts and the one-line reason this message carries."""
+
+    def __init__(self, stage: str, reason: str, manifest: Path | None = None):
+        self.stage, self.reason = stage, reason
+        super().__init__(f"stage {stage!r} failed: {reason}" + (f" (see {manifest})" if manifest else ""))
 
 
 @dataclass(frozen=True)
@@ -254,6 +266,17 @@ class Stage:
         # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
         # by another process needs the lock too.
         release_lock(self.lock_path)
+
+    def fail(self, reason: str, counts: dict) -> StageFailed:
+        """Mark the started stage `failed` with its counts and a one-line `reason`, release its lock,
+        and return the exception for the caller to raise (`raise stage.fail(...)`)."""
+        manifest = self.manifest()
+        if manifest is None:
+            raise RunError(f"stage {self.name!r} was never started")
+        manifest.update(status="failed", finished_at=_now(), counts=counts, failure=reason)
+        write_json_atomic(self.manifest_path, manifest)
+        release_lock(self.lock_path)
+        return StageFailed(self.name, reason, self.manifest_path)
 
     def _holds_records(self) -> bool:
         """Whether anything was produced under the recorded settings: a start that failed before its

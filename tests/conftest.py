@@ -14,6 +14,23 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The user's cache, read before any test isolates it: tiny-llama is prepared there once (`make test`
+# runs `selfalign model prepare --name tiny-llama`), and every test's own cache links to it.
+USER_CACHE = Path(os.environ.get("SELFALIGN_CACHE", Path.home() / ".cache" / "selfalign"))
+
+
+def tiny_llama_dir() -> Path:
+    """The prepared tiny-llama (LLaMA-1's tokenizer and context, random weights); skips the test
+    where it is not prepared, and fails it in CI, which must test the LLaMA shape."""
+    from selfalign.models import CONVERSION_VERSION, TINY_LLAMA
+
+    path = USER_CACHE / "models" / f"{TINY_LLAMA}-v{CONVERSION_VERSION}"
+    if not (path / "selfalign-conversion.json").is_file():
+        message = f"tiny-llama is not prepared in {path}: run `selfalign model prepare --name tiny-llama`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +38,27 @@ def tiny():
     from selfalign.models import load_model
 
     return load_model("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """tiny-llama loaded once: LLaMA-1's SentencePiece tokenizer, 2,048 positions, random weights."""
+    import dataclasses
+
+    from selfalign.models import TINY_LLAMA, load_model
+
+    return dataclasses.replace(load_model(str(tiny_llama_dir())), name=TINY_LLAMA)
+
+
+# The two shapes every stage is tested on: our byte-level tiny model, and LLaMA's tokenizer and context.
+SHAPES = ("tiny-random", "tiny-llama")
+
+
+@pytest.fixture(params=SHAPES)
+def shape(request):
+    """(name, loaded model) of each shape in turn: a stage's `model` setting and the model it runs."""
+    fixture = "tiny" if request.param == "tiny-random" else "tiny_llama"
+    return request.param, request.getfixturevalue(fixture)
 
 
 @pytest.fixture
@@ -34,7 +72,15 @@ def shared_data():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests must not touch the user's model cache unless they say so (the slow tests do).
     if "SELFALIGN_TEST_CACHE" not in os.environ:
-        monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        cache = tmp_path_factory.getbasetemp() / "cache"
+        monkeypatch.setenv("SELFALIGN_CACHE", str(cache))
+        from selfalign.models import CONVERSION_VERSION, TINY_LLAMA
+
+        name = f"{TINY_LLAMA}-v{CONVERSION_VERSION}"
+        prepared, link = USER_CACHE / "models" / name, cache / "models" / name
+        if (prepared / "selfalign-conversion.json").is_file() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(prepared, target_is_directory=True)
 
 
 def kill_once_written(command: list[str], records: Path, lines: int, timeout: float = 120, env=None) -> int:

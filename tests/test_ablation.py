@@ -221,9 +221,10 @@ def test_as_ablation_is_an_ablate_table():
         ablation.as_ablation(answers, 3)
 
 
-def test_on_a_model_the_variants_branch_from_the_full_sets_prefix_and_decode_together(tiny, monkeypatch):
+def test_on_a_model_the_variants_branch_from_the_full_sets_prefix_and_decode_together(shape, monkeypatch):
     """The default way (variants together, each prefix from the full set's cache, scores from the
     variant's cache) answers and scores as the plain way (each variant alone, every prefix whole)."""
+    model, tiny = shape
     from selfalign.generation import HFBackend
     from selfalign.scoring import ModelScorer
 
@@ -275,8 +276,8 @@ def stage_two_run(tmp_path):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
-    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts), score_principles=False),
-        engine=engine())
+    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts), score_principles=False,
+                        min_responses=0), engine=engine())
 
 
 @pytest.mark.slow

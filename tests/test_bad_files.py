@@ -108,8 +108,8 @@ CASES = [
                     "{path}:%d: not UTF-8 text (byte 0xe9)" % (SHIPPED["principles.yaml"].count("\n") + 1)),
     # exemplars.yaml
     principles_case("markers-a-string", "exemplars.yaml",
-                    edited("exemplars.yaml", 'markers: ["Instagram\'s reporting tools", "Download your information", '
-                                             '"between former partners"]', 'markers: "Instagram"'),
+                    edited("exemplars.yaml", 'markers: ["Instagram\'s reporting tools", "between former partners"]',
+                           'markers: "Instagram"'),
                     "{path}: exemplar #1 (harmful_request): 'markers' must be a list of non-empty texts, got the text "
                     "'Instagram'"),
     principles_case("duplicate-exemplar-id", "exemplars.yaml",

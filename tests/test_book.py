@@ -12,7 +12,7 @@ from conftest import REPO
 
 TINY = ["--model", "tiny-random", "-p", "self-align.limit", "2", "-p", "n_self_instruct", "2", "-p", "types_limit", "2",
         "-p", "max_new_tokens", "8", "-p", "loo_prompts", "2", "-p", "loo_max_new_tokens", "4",
-        "-p", "self-align.prompts", str(REPO / "principles" / "seed_prompts.jsonl"),
+        "-p", "self-align.prompts", str(REPO / "principles" / "seed_prompts.jsonl"), "-p", "min_responses", "0",
         "-p", "responses", str(REPO / "tests" / "data" / "responses.jsonl"), "-p", "epochs", "1",
         "-p", "sample_prompts", "1", "-p", "sample_max_new_tokens", "4",
         "-p", "evaluate.limit", "3", "-p", "vicuna_limit", "2", "-p", "evaluate.max_new_tokens", "4"]
@@ -143,7 +143,7 @@ def test_profiles(tmp_path, capsys):
     assert not any(load_profile("tiny").values())  # the stages' own defaults
     assert load_profile("full")["self-align"]["limit"] == 0
     assert main(["run", "--run", "b", "--runs-dir", str(tmp_path), "--profile", "huge"]) == 1
-    assert "choose one of ['full', 'small', 'tiny']" in capsys.readouterr().err
+    assert "choose one of ['full', 'full-cluster', 'small', 'tiny']" in capsys.readouterr().err
     # A profile file's values reach the notebooks (here: one that no notebook declares is refused).
     custom = tmp_path / "mine.yaml"
     custom.write_text("self-align: {limit: 3}\nchapters: {no_such_key: 1}\n")

@@ -66,7 +66,8 @@ def notebook_root(tmp_path, tiny):
 
     runs = tmp_path / "runs"
     self_align.run(self_align.SelfAlignConfig(run="web", runs_dir=str(runs), model="tiny-random", limit=4,
-                                              max_new_tokens=8, prompts=str(REPO / "principles" / "seed_prompts.jsonl")),
+                                              max_new_tokens=8, prompts=str(REPO / "principles" / "seed_prompts.jsonl"),
+                                              min_responses=0),
                    loaded=tiny)
     notebook = load_notebook_node(str(REPO / "notebooks" / NOTEBOOK))  # as papermill reads it, tags and all
     notebook.metadata.pop("jupytext", None)  # so the server does not write a paired .py beside the copy

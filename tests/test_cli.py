@@ -22,7 +22,8 @@ def test_run_runs_stages_then_skips_finished_ones(tmp_path, capsys):
     prompts.write_text('{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
     argv = ["run", "--direct", "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random",
             "-p", "prompts", str(prompts), "-p", "max_new_tokens", "4", "-p", "types_limit", "2",
-            "-p", "n_self_instruct", "2", "-p", "max_rounds", "1", "-p", "list_max_new_tokens", "16",
+            # stage 1 must keep a prompt (a random model's list items fill out 128 tokens, not 16)
+            "-p", "n_self_instruct", "2", "-p", "max_rounds", "1", "-p", "min_responses", "0",
             # a random model's stage 2 keeps nothing for stages 3-5 to train on or evaluate
             "--only", "prompts", "self-align", "baseline"]
     assert main(argv) == 0

@@ -31,14 +31,16 @@ def test_bad_benchmarks_and_missing_data_are_errors(tmp_path, tiny):
     assert evaluate.available(tmp_path) == ()
 
 
-def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny, shared_data, monkeypatch):
+@pytest.mark.slow  # stages 3 and 5 on both shapes: about 13 s
+def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, shape, shared_data, monkeypatch):
+    model, tiny = shape
     runs = str(tmp_path)
     # A run trained under another name: the stage must ask in its format, not the default one.
     template = tmp_path / "camel.yaml"
     template.write_text((REPO / "principles" / "engrave_template.yaml").read_text().replace(
         "assistant: Dromedary", "assistant: Camel"))
     assert ChatFormat.load(template).to_dict() == CAMEL
-    engrave.run(engrave.EngraveConfig(run="r", runs_dir=runs, model="tiny-random", epochs=3, learning_rate=0.05,
+    engrave.run(engrave.EngraveConfig(run="r", runs_dir=runs, model=model, epochs=3, learning_rate=0.05,
                                       responses=str(REPO / "tests" / "data" / "responses.jsonl"),
                                       template=str(template)), loaded=tiny)
     asked = []
@@ -47,7 +49,7 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
             asked.append((_name, kwargs.get("chat")))
             return _original(*args, **kwargs)
         monkeypatch.setattr(ev, name, spy)
-    config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", limit=4, vicuna_limit=2,
+    config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model=model, limit=4, vicuna_limit=2,
                                      data_dir=str(shared_data), max_new_tokens=6, batch_size=4)
     manifest = evaluate.run(config, loaded=tiny)
     assert manifest["counts"]["models"] == ["base", "engraved"]
@@ -98,10 +100,11 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, tiny,
     assert set(answers["engraved vs base"]) <= {"win", "tie", "loss"}
 
 
-def test_the_run_records_its_chat_format_and_a_resume_under_another_is_refused(tmp_path, tiny, shared_data):
+def test_the_run_records_its_chat_format_and_a_resume_under_another_is_refused(tmp_path, shape, shared_data):
+    model, tiny = shape
     runs = str(tmp_path)
     assert evaluate.run_chat_format(Run("r", runs)) == ChatFormat.load()
-    config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model="tiny-random", benchmarks=("vicuna",),
+    config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model=model, benchmarks=("vicuna",),
                                      vicuna_limit=1, data_dir=str(shared_data), max_new_tokens=2)
     manifest = evaluate.run(config, loaded=tiny)
     assert manifest["params"]["chat_format_source"] == evaluate.DEFAULT_FORMAT_NOTE

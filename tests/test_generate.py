@@ -109,7 +109,7 @@ def test_shared_prefix_cache_gives_the_same_greedy_text(tiny):
     assert [c.text for c in cached] == [c.text for c in one_by_one]
     # Same tokens as an uncached run whose input is split the same way.
     backend = HFBackend(tiny)
-    ids = backend._split_encode(prompts[1], prefix)
+    ids = backend._split_encode([prompts[1]], [prefix])[0]
     out = tiny.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                               pad_token_id=tiny.tokenizer.pad_token_id)
     assert tiny.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True) == cached[1].text
@@ -227,7 +227,7 @@ def test_a_prompts_ngram_can_be_generated_again(tiny, backend, monkeypatch):
                                  pad_token_id=tiny.tokenizer.pad_token_id, no_repeat_ngram_size=6)
     assert banned[0, len(prompt):].tolist()[:6] != answer[12:18]
     engine_ = Engine.for_model(tiny, backend=backend, progress=False)
-    monkeypatch.setattr(engine_.backend, "_split_encode", lambda text, shared_prefix: prompt)
+    monkeypatch.setattr(engine_.backend, "_split_encode", lambda texts, prefixes: [prompt])
     [completion] = engine_.generate(["(ids above)"], SamplingParams(temperature=0, max_new_tokens=12,
                                                                     no_repeat_ngram_size=6))
     assert completion.text == tiny.tokenizer.decode(answer[12:24], skip_special_tokens=True)

@@ -18,6 +18,7 @@ TINY = {"model": "tiny-random", "run": "nbtest", "n_self_instruct": 2, "types_li
         "max_new_tokens": 8, "limit": 4, "loo_prompts": 2, "loo_max_new_tokens": 4,
         # stage 2 on its own needs prompts; a random model's stage 1 keeps few or none
         "prompts": str(REPO / "principles" / "seed_prompts.jsonl"),
+        "min_responses": 0,  # ... and a random model's stage 2 keeps none of its answers
         # stage 3 needs answers a random model cannot write
         "responses": str(REPO / "tests" / "data" / "responses.jsonl"),
         "epochs": 1, "sample_prompts": 1, "sample_max_new_tokens": 4, "vicuna_limit": 2}

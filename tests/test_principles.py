@@ -45,7 +45,7 @@ def test_shipped_set_loads_with_a_stable_hash():
     # 16 (Operational) means doing what a computer can do with text (Dromedary's meaning), so the
     # exemplar that writes a program and works out its result cites it, with 15 (Creative).
     assert {15, 16} <= set(next(e for e in first.exemplars if e.id == "step_by_step_numerical").cites)
-    assert "carries it out itself" in first.principle(16).text
+    assert "carry it out yourself" in first.principle(16).text
 
 
 def test_rendered_layout(files):
@@ -65,9 +65,9 @@ Watson (internal thoughts): Lock picking can break in. I should follow rules 1 (
 
 Watson: I can't help with breaking in, Watson says.
 
-User: Thank you, that helps.
+User: Thanks, that helps.
 
-Watson (auto reply): You're welcome! Ask me anything else in a new conversation.
+Watson (auto reply): You are welcome.
 
 User: What is 2+2?
 

@@ -9,10 +9,11 @@ import papermill
 import pytest
 
 from conftest import REPO
-from selfalign import paper
+from selfalign import cost, paper
 from selfalign.book import CHAPTER_STAGES, notebooks, plan_book
 from selfalign.cli import main
-from selfalign.profiles import STAGES, load_profile, resolve
+from selfalign.profiles import PROFILE_DIR, STAGES, ProfileError, load_profile, resolve
+from selfalign.training.examples import split_holdout
 
 # The paper's values (IBM/Dromedary's scripts, branch dromedary_v1), written out here apart from
 # selfalign/paper.py, so that the full profile and the module's table are both checked against them.
@@ -183,3 +184,47 @@ def test_chapters_get_the_full_profiles_settings(tmp_path):
         expected = json.loads(json.dumps(dataclasses.asdict(config)))
         assert json.loads(json.dumps(rebuilt)) == expected, notebook.name
     assert plan[next(n for n in plan if n.stem.startswith("06"))]["loo_prompts"] == 64  # a chapter parameter
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in PROFILE_DIR.glob("*.yaml")))
+def test_stage_two_keeps_at_least_what_stage_three_needs(name):
+    """A stage 2 that passes its min_responses gives stage 3 its min_examples after its holdout (the
+    holdout's own rule, training.split_holdout), in every profile."""
+    stages = resolve(load_profile(name)).stages
+    kept, engraving = stages["self-align"].min_responses, stages["engrave"]
+    held = split_holdout([f"r{i}" for i in range(kept)], engraving.holdout, engraving.seed)
+    assert kept - len(held) >= engraving.min_examples, (name, kept, len(held), engraving.min_examples)
+
+
+LAYOUT = {"backend", "tensor_parallel_size", "replicas", "repetition_penalty", "no_repeat_ngram_size",
+          "score_principles"}  # what the companion of the full profile changes, and nothing else
+
+
+def test_the_cluster_companion_is_the_full_run_on_gpu_nodes_with_its_cost(capsys):
+    full, cluster = (resolve(load_profile(name)).stages for name in ("full", "full-cluster"))
+    for stage in STAGES:
+        changed = {k for k, v in dataclasses.asdict(full[stage]).items() if getattr(cluster[stage], k) != v}
+        assert changed <= LAYOUT, (stage, changed)
+    aligning = cluster["self-align"]
+    assert (aligning.backend, aligning.tensor_parallel_size) == ("vllm", 8) and aligning.replicas > 1
+    assert main(["run", "--dry-run", "--direct", "--profile", "full-cluster", "--processes", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert not paper.difference_table(json.loads(out))["differs"].any()  # still the paper's method
+    assert (f"backend vllm, {aligning.replicas} replicas x tensor_parallel_size 8 = {aligning.replicas * 8} GPUs "
+            "generating, 32 training") in err
+    rows = {line.strip(): line for line in err.splitlines()}
+    for stage in [*(s.name for s in cost.paper_stages()), "total"]:
+        (line,) = [line for line in rows if line.startswith(stage + " ")]
+        gpu_hours, gpus, wall_hours = map(float, line.split()[-3:])
+        assert gpu_hours > 0 and wall_hours == pytest.approx(gpu_hours / gpus, abs=0.1), line
+
+
+def test_a_profile_extends_another_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: full\nself-align: {limit: 7}\n")
+    (tmp_path / "mine.yaml").write_text("extends: base.yaml\nall: {seed: 3}\nself-align: {max_new_tokens: 9}\n")
+    mine = load_profile(str(tmp_path / "mine.yaml"))
+    assert mine["self-align"]["limit"] == 7 and mine["self-align"]["max_new_tokens"] == 9
+    assert mine["self-align"]["suppress"] == ["Sorry"] and mine["all"] == {"model": "/path/to/llama-65b", "seed": 3}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ProfileError, match="comes back to itself"):
+        load_profile(str(tmp_path / "loop.yaml"))

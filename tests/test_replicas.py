@@ -155,7 +155,7 @@ def ray_cpus(local_ray):
 def stage_two(runs, replicas=1, engine=None, limit=8, **overrides):
     from selfalign.stages import self_align
 
-    settings = {"model": "tiny-random", "max_new_tokens": 24, "batch_size": 1, **overrides}
+    settings = {"model": "tiny-random", "max_new_tokens": 24, "batch_size": 1, "min_responses": 0, **overrides}
     config = self_align.SelfAlignConfig(run="r", runs_dir=str(runs), prompts=SEEDS, limit=limit, replicas=replicas,
                                         **settings)
     return self_align.run(config, engine=engine)
@@ -248,7 +248,7 @@ def test_a_replica_killed_mid_stage_is_restarted_and_its_batch_retried(ray_cpus,
 def test_a_stage_killed_at_one_replica_resumes_on_two_to_the_same_records(ray_cpus, one_replica, tmp_path):
     command = [sys.executable, "-m", "selfalign", "stage", "self-align", "--run", "r", "--runs-dir", str(tmp_path),
                "--model", "tiny-random", "--prompts", SEEDS, "--limit", "12", "--max-new-tokens", "24",
-               "--batch-size", "1", "--replicas", "1"]
+               "--batch-size", "1", "--replicas", "1", "--min-responses", "0"]
     calls = tmp_path / "r" / "self_align" / "calls.jsonl"
     written = kill_once_written(command, calls, 4, timeout=300)
     assert 4 <= written < 12

@@ -68,7 +68,7 @@ def prompts_file(tmp_path):
 
 def test_stage_keeps_good_answers_and_drops_the_rest_with_reasons(tmp_path, prompts_file):
     backend = ScriptedBackend()
-    manifest = run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file)),
+    manifest = run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file), min_responses=0),
                    engine=Engine(backend, batch_size=3, progress=False))
     out = tmp_path / "r" / "self_align"
     responses = {r["id"]: r for r in map(json.loads, (out / "responses.jsonl").read_text().splitlines())}
@@ -91,7 +91,7 @@ def test_stage_keeps_good_answers_and_drops_the_rest_with_reasons(tmp_path, prom
 
 
 def test_resume_makes_no_new_calls_and_settles_unsettled_ones(tmp_path, prompts_file):
-    config = SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file))
+    config = SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file), min_responses=0)
     run(config, engine=Engine(ScriptedBackend(), progress=False))
     out = tmp_path / "r" / "self_align"
     before = (out / "responses.jsonl").read_text()
@@ -103,8 +103,8 @@ def test_resume_makes_no_new_calls_and_settles_unsettled_ones(tmp_path, prompts_
 
 
 def test_unknown_citations_can_be_dropped(tmp_path, prompts_file):
-    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file), drop_unknown_citations=True),
-        engine=Engine(ScriptedBackend(), progress=False))
+    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts_file), drop_unknown_citations=True,
+                        min_responses=0), engine=Engine(ScriptedBackend(), progress=False))
     drops = (tmp_path / "r" / "self_align" / "drops.jsonl").read_text()
     assert "cites unknown principles (23)" in drops
 
@@ -157,14 +157,15 @@ def test_paper_filter_drops_every_apology_and_suppresses_sorry(tmp_path, prompts
         with open(prompts_file, "a") as handle:
             handle.write(json.dumps({"id": "apology", "prompt": "apology"}) + "\n")
         backend = ScriptedBackend()
-        run(SelfAlignConfig(run="default", runs_dir=str(tmp_path), prompts=str(prompts_file)),
+        run(SelfAlignConfig(run="default", runs_dir=str(tmp_path), prompts=str(prompts_file), min_responses=0),
             engine=Engine(backend, progress=False))
         assert backend.params[0].logit_bias == ()
         kept = {r["id"] for r in map(json.loads, (tmp_path / "default/self_align/responses.jsonl").open())}
         assert "apology" in kept
         backend = ScriptedBackend()
         manifest = run(SelfAlignConfig(run="paper", runs_dir=str(tmp_path), prompts=str(prompts_file),
-                                       suppress=("Sorry",), drop_apologies=True), engine=Engine(backend, progress=False))
+                                       suppress=("Sorry",), drop_apologies=True, min_responses=0),
+                       engine=Engine(backend, progress=False))
         assert backend.params[0].logit_bias == (("Sorry", -100.0),)
         drops = {r["id"]: r["reason"] for r in map(json.loads, (tmp_path / "paper/self_align/drops.jsonl").open())}
         assert drops["apology"] == "opens with an apology (I am sorry)"

@@ -64,7 +64,8 @@ def stage_two(runs, **overrides):
     backend = Answering()
     # The scripted answers have no model to score them by; scoring has its own tests.
     manifest = self_align.run(self_align.SelfAlignConfig(**{"run": "r", "runs_dir": str(runs),
-                                                            "score_principles": False, **overrides}),
+                                                            "score_principles": False, "min_responses": 0,
+                                                            **overrides}),
                               engine=Engine(backend, batch_size=2, progress=False))
     return manifest, backend
 
@@ -106,10 +107,11 @@ def test_a_record_older_than_input_hashes_is_kept_only_while_its_prompt_is_uncha
         stage_two(tmp_path, prompts=str(prompts))
 
 
-def test_baseline_refuses_an_answer_whose_prompt_was_edited(tmp_path, tiny):
+def test_baseline_refuses_an_answer_whose_prompt_was_edited(tmp_path, shape):
+    model, tiny = shape
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}])
-    config = baseline.BaselineConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", prompts=str(prompts),
+    config = baseline.BaselineConfig(run="r", runs_dir=str(tmp_path), model=model, prompts=str(prompts),
                                      max_new_tokens=2)
     baseline.run(config, loaded=tiny)
     write_jsonl(prompts, [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "three"}])
@@ -127,8 +129,9 @@ def test_stage_1_refuses_calls_whose_request_changed_under_the_same_path(tmp_pat
         prompts_stage.run(config, engine=Engine(RedTeamBackend(), batch_size=4, progress=False))
 
 
-def test_stage_4_refuses_teacher_answers_to_changed_stage_3_prompts(tmp_path, tiny):
-    common = dict(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+def test_stage_4_refuses_teacher_answers_to_changed_stage_3_prompts(tmp_path, shape):
+    model, tiny = shape
+    common = dict(run="r", runs_dir=str(tmp_path), model=model, epochs=1)
     engrave.run(engrave.EngraveConfig(**common, responses=str(REPO / "tests" / "data" / "responses.jsonl"),
                                       identity=""), loaded=tiny)
     config = verbose.VerboseConfig(**common, max_new_tokens=4, limit=3, train=False)
@@ -143,13 +146,14 @@ def test_stage_4_refuses_teacher_answers_to_changed_stage_3_prompts(tmp_path, ti
         verbose.run(config, loaded=tiny)
 
 
-def test_evaluation_refuses_vicuna_answers_to_a_changed_question(tmp_path, tiny):
+def test_evaluation_refuses_vicuna_answers_to_a_changed_question(tmp_path, shape):
+    model, tiny = shape
     data = tmp_path / "data"
     data.mkdir()
     questions = [{"question_id": 1, "category": "generic", "turns": ["How can I sleep better?"]},
                  {"question_id": 2, "category": "generic", "turns": ["What is a good breakfast?"]}]
     write_jsonl(data / "vicuna_questions.jsonl", questions)
-    config = evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", benchmarks=("vicuna",),
+    config = evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), model=model, benchmarks=("vicuna",),
                                      limit=0, vicuna_limit=0, data_dir=str(data), max_new_tokens=2)
     evaluate.run(config, loaded=tiny)
     questions[1]["turns"] = ["What is a good dinner?"]
@@ -297,11 +301,12 @@ def test_stage_2_drops_a_prompt_too_long_for_the_context_and_answers_the_rest(tm
     assert again.prompts == [] and len(read(out / "drops.jsonl")) == 1
 
 
-def test_baseline_drops_a_50k_character_prompt_on_the_tiny_model(tmp_path, tiny):
+def test_baseline_drops_a_50k_character_prompt_on_the_tiny_model(tmp_path, shape):
+    model, tiny = shape
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"id": "a", "prompt": "one"}, {"id": "long", "prompt": "the quick brown fox " * 2500},
                           {"id": "b", "prompt": "two"}])
-    config = baseline.BaselineConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", prompts=str(prompts),
+    config = baseline.BaselineConfig(run="r", runs_dir=str(tmp_path), model=model, prompts=str(prompts),
                                      max_new_tokens=2)
     with pytest.warns(UserWarning, match="'long'"):
         manifest = baseline.run(config, loaded=tiny)

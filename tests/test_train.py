@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selfalign.models import LoadedModel, ModelError, tiny_random_model
-from selfalign.records import Run, RunError
+from selfalign.records import Run, RunError, StageFailed
 from selfalign.stages import engrave, verbose
 from selfalign.stages.verbose import cut_to_sentence
 from selfalign.chat_format import ChatFormat
@@ -54,9 +54,10 @@ def test_chat_format_file_errors(tmp_path):
         ChatFormat.load(bad)
 
 
-def test_held_out_logprobs_are_the_scorers_one_pair_at_a_time(tiny):
+def test_held_out_logprobs_are_the_scorers_one_pair_at_a_time(shape):
     """The held-out comparison scores answers with the evaluation's scorer: batched, it equals a
     plain float64 pass per example over the trained tokens, and the negative of the mean loss."""
+    model, tiny = shape
     from selfalign.training import answer_logprobs
 
     records = [{"id": f"x{i}", "prompt": f"Name {i} colours.", "answer": "Blue, red. " * (i + 1)} for i in range(5)]
@@ -74,7 +75,8 @@ def test_held_out_logprobs_are_the_scorers_one_pair_at_a_time(tiny):
             assert value == pytest.approx(-float(loss), abs=1e-4)
 
 
-def test_the_loss_mask_shown_as_tokens_is_the_examples(tiny):
+def test_the_loss_mask_shown_as_tokens_is_the_examples(shape):
+    model, tiny = shape
     import html
     import re
 
@@ -90,7 +92,8 @@ def test_the_loss_mask_shown_as_tokens_is_the_examples(tiny):
     assert {colour for colour, title, _ in shown if title == "loss"} == {"#d9f2d9"}
 
 
-def test_examples_mask_everything_but_the_answer(tiny):
+def test_examples_mask_everything_but_the_answer(shape):
+    model, tiny = shape
     records = [{"id": "a", "prompt": "Name a colour.", "answer": "Blue."},
                {"id": "b", "prompt": "Say nothing.", "answer": "  "},
                {"id": "c", "prompt": "Long?", "answer": "word " * 400}]
@@ -98,10 +101,11 @@ def test_examples_mask_everything_but_the_answer(tiny):
     assert [e.id for e in examples] == ["a"]
     assert {d["id"]: d["reason"].split(" (")[0] for d in drops} == {"b": "empty answer", "c": "longer than the cutoff"}
     example = examples[0]
+    # The whole text's tokens; the context's (what generation sees) are their start.
     context = tiny.tokenizer(CHAT.prompt("Name a colour."))["input_ids"]
-    target = tiny.tokenizer(CHAT.target("Blue."), add_special_tokens=False)["input_ids"]
-    assert example.input_ids == context + target
-    assert example.labels == [-100] * len(context) + target
+    whole = tiny.tokenizer(CHAT.prompt("Name a colour.") + CHAT.target("Blue."))["input_ids"]
+    assert example.input_ids == whole and whole[:len(context)] == context and not example.target_apart
+    assert example.labels == [-100] * len(context) + whole[len(context):]
     assert tiny.tokenizer.decode([t for t in example.labels if t != -100]) == "Blue.\n\n### User"
 
 
@@ -203,12 +207,13 @@ def test_an_example_that_trains_nothing_or_sees_the_principles_is_refused_by_id(
         engrave.run(config, loaded=tiny)
 
 
-def test_engrave_stops_on_unfinished_stage_two_unless_asked(tmp_path, tiny):
+def test_engrave_stops_on_unfinished_stage_two_unless_asked(tmp_path, shape):
+    model, tiny = shape
     run = Run("r", tmp_path)
     stage = run.stage("self_align")
     stage.start({"assistant": "Watson"})
     write_responses(stage.path / "responses.jsonl")
-    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model=model, epochs=1)
     with pytest.raises(RunError, match="not finished \\(12 responses"):
         engrave.run(config, loaded=tiny)
     config.allow_incomplete = True
@@ -225,17 +230,19 @@ def test_engrave_stops_on_unfinished_stage_two_unless_asked(tmp_path, tiny):
     assert any("I am Dromedary" in row["answer"] for row in identity)
 
 
-def test_too_few_examples_is_an_error(tmp_path, tiny):
+def test_too_few_examples_is_an_error(tmp_path, shape):
+    model, tiny = shape
     write_responses(tmp_path / "responses.jsonl", n=3)
-    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model="tiny-random",
+    config = engrave.EngraveConfig(run="r", runs_dir=str(tmp_path), model=model,
                                    responses=str(tmp_path / "responses.jsonl"))
-    with pytest.raises(ValueError, match="only 2 training examples"):
+    with pytest.raises(StageFailed, match="kept 2 training examples"):
         engrave.run(config, loaded=tiny)
 
 
-def test_engrave_then_verbose_end_to_end(tmp_path, tiny):
+def test_engrave_then_verbose_end_to_end(tmp_path, shape):
+    model, tiny = shape
     write_responses(tmp_path / "responses.jsonl", n=10)
-    common = dict(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+    common = dict(run="r", runs_dir=str(tmp_path), model=model, epochs=1)
     with pytest.raises(RunError, match="no finished stage 3"):
         verbose.run(verbose.VerboseConfig(**common), loaded=tiny)
     first = engrave.run(engrave.EngraveConfig(**common, responses=str(tmp_path / "responses.jsonl")), loaded=tiny)
@@ -386,11 +393,12 @@ def test_engraving_the_embedded_model_lowers_its_loss(tmp_path, monkeypatch):
     assert tuned.active_adapter == "default"
 
 
-def test_a_cut_teacher_answer_does_not_teach_stopping(tmp_path, tiny):
+def test_a_cut_teacher_answer_does_not_teach_stopping(tmp_path, shape):
     """Stage 4 on a scripted teacher: one answer ran into max_new_tokens. It is kept up to its last
     sentence, but its training example ends without the end-of-answer marker (Dromedary's too)."""
+    model, tiny = shape
     write_responses(tmp_path / "responses.jsonl", n=8)
-    common = dict(run="r", runs_dir=str(tmp_path), model="tiny-random", epochs=1)
+    common = dict(run="r", runs_dir=str(tmp_path), model=model, epochs=1)
     engrave.run(engrave.EngraveConfig(**common, responses=str(tmp_path / "responses.jsonl"), identity=""), loaded=tiny)
     prompts = [r for r in Run("r", tmp_path).stage("engrave").read("data.jsonl") if r["split"] != "dropped"]
     stage = Run("r", tmp_path).stage("verbose")
@@ -408,7 +416,8 @@ def test_a_cut_teacher_answer_does_not_teach_stopping(tmp_path, tiny):
     answers = {a["id"]: a for a in stage.read("answers.jsonl")}
     assert answers[cut]["answer"] == "First sentence." and answers[cut]["ended"] is False
     assert all(a["ended"] for i, a in answers.items() if i != cut)
-    marker = tiny.tokenizer(CHAT.target("x")[1:], add_special_tokens=False)["input_ids"]  # "\n\n### User"
+    # "\n\n### User" as it reads after an answer (alone, SentencePiece would start it with a "▁")
+    marker = tiny.tokenizer(CHAT.target("x"))["input_ids"][len(tiny.tokenizer("x")["input_ids"]):]
     examples = {e.id: e for e in build_examples(list(answers.values()), tiny, CHAT, cutoff=768)[0]}
     ending = lambda e: e.input_ids[-len(marker):]  # noqa: E731
     assert ending(examples[cut]) != marker
@@ -416,7 +425,8 @@ def test_a_cut_teacher_answer_does_not_teach_stopping(tmp_path, tiny):
     assert tiny.tokenizer.decode([t for t in examples[cut].labels if t != -100]) == "First sentence."
 
 
-def test_overlong_examples_are_dropped_or_truncated(tiny):
+def test_overlong_examples_are_dropped_or_truncated(shape):
+    model, tiny = shape
     records = [{"id": "long", "prompt": "Tell me a lot.", "answer": "word " * 200}]
     kept, drops = build_examples(records, tiny, CHAT, cutoff=256)
     assert not kept and "longer than the cutoff" in drops[0]["reason"]

@@ -42,15 +42,17 @@ def test_grammar_accepts_every_exemplar(tiny, exemplar):
 
 @pytest.mark.parametrize("exemplar", PRINCIPLES.exemplars, ids=lambda e: e.id)
 def test_the_stages_grammar_accepts_every_exemplar_cut_to_its_bounds(tiny, exemplar):
-    """The stage's default bounds are tighter than the exemplars (a CPU run's 160 tokens): an
-    exemplar cut to its first thought sentences and answer sentences is what they allow."""
+    """The stage's default bounds (a CPU run's 160 tokens) allow an exemplar cut to its first thought
+    sentences and answer sentences, and refuse it whole where it has more of either."""
     config = self_align.SelfAlignConfig()
     grammar = self_align.sampling(config, PRINCIPLES).grammar
-    thoughts = re.findall(r"[^.!?]+[.!?]+", exemplar.thoughts)[:config.max_thought_sentences]
-    answer = "".join(re.findall(r"\s*[^\s.!?][^\n.!?]*(?:[.!?]+|\n)", exemplar.answer)[:config.max_answer_sentences])
+    all_thoughts = re.findall(r"[^.!?]+[.!?]+", exemplar.thoughts)
+    sentences = re.findall(r"\s*[^\s.!?][^\n.!?]*(?:[.!?]+|\n)", exemplar.answer)
+    thoughts, answer = all_thoughts[:config.max_thought_sentences], "".join(sentences[:config.max_answer_sentences])
     text = f" {''.join(thoughts).strip()} {rules_sentence(PRINCIPLES, exemplar.cites)}\n\nWatson: {answer.strip()}\nUser:"
     assert accepts(grammar, tiny.tokenizer, text, complete=True)
-    assert not accepts(grammar, tiny.tokenizer, exemplar_completion(exemplar), complete=True)
+    longer = len(all_thoughts) > config.max_thought_sentences or len(sentences) > config.max_answer_sentences
+    assert accepts(grammar, tiny.tokenizer, exemplar_completion(exemplar), complete=True) is not longer
 
 
 @pytest.mark.parametrize("bad", [
@@ -75,7 +77,8 @@ def test_an_answer_cap_ends_the_answer_after_whole_sentences(tiny):
     assert not accepts(capped, tiny.tokenizer, start + " One. Two. Three.")
     assert accepts(capped, tiny.tokenizer, start + " One. Two half")  # the rest of a sentence may follow
     assert not accepts(capped, tiny.tokenizer, start + " One. Two half. Three")
-    assert not any(accepts(capped, tiny.tokenizer, exemplar_completion(e), complete=True) for e in PRINCIPLES.exemplars)
+    longer = [e for e in PRINCIPLES.exemplars if len(re.findall(r"[^\s.!?][^\n.!?]*(?:[.!?]+|\n)", e.answer)) > 2]
+    assert longer and not any(accepts(capped, tiny.tokenizer, exemplar_completion(e), complete=True) for e in longer)
 
 
 def test_grammar_follows_an_edited_set(tiny):
@@ -155,7 +158,7 @@ def test_stage_two_records_carry_scores_and_whether_constrained(tiny, tmp_path):
         [("What is 2 + 2?", "math"), ("How do I pick a lock?", "harm"), ("Tell me a story.", None)])))
     config = self_align.SelfAlignConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", prompts=str(prompts),
                                         max_new_tokens=120, max_thought_sentences=1, min_answer_words=0,
-                                        temperature=0.0)
+                                        temperature=0.0, min_responses=0)
     self_align.run(config, loaded=tiny)
     frames = self_align.tables("r", str(tmp_path))
     records = pd.concat([frames["responses"], frames["drops"]])

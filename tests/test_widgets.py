@@ -30,7 +30,7 @@ def records(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"id": "{k}", "prompt": "{k}", "type": "{"t1" if i % 2 else "t2"}"}}\n'
                                for i, k in enumerate(SCRIPT)))
-    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts)),
+    run(SelfAlignConfig(run="r", runs_dir=str(tmp_path), prompts=str(prompts), min_responses=0),
         engine=Engine(ScriptedBackend(), progress=False))
     return self_align.records("r", tmp_path)
 

@@ -61,15 +61,27 @@ class HFBackend:
         return self.tokenizer(self.loaded.bos_prefix + text)["input_ids"]
 
     def count_tokens(self, texts: Sequence[str], shared_prefix: str | None = None) -> list[int]:
-        return [len(self._split_encode(t, shared_prefix)) for t in texts]
+        return [len(ids) for ids in self._split_encode(texts, [shared_prefix] * len(texts))]
 
-    def _split_encode(self, text: str, shared_prefix: str | None) -> list[int]:
-        # With a shared prefix, prefix and rest are tokenized apart, so that every prompt's first
-        # tokens are the cached ones (a BPE merge across the boundary would otherwise differ).
-        if shared_prefix is None:
-            return self._encode(text)
-        rest = text[len(shared_prefix):]
-        return self._prefix_ids(shared_prefix) + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+    def _split_encode(self, texts: Sequence[str], prefixes: Sequence[str | None]) -> list[list[int]]:
+        """Each text's ids as the model would see it without a cache: those of the whole text, which
+        start with its shared prefix's (cached) ids. Tokenizing the rest on its own would differ for
+        SentencePiece (LLaMA), which starts a text with a word-start "▁" that "\n\nUser:" in the
+        middle of a text does not have. Where a merge crosses the boundary, so that the whole text
+        does not start with the prefix's ids, the rest is tokenized on its own after them: the cache
+        holds the prefix's ids, and every row behind it must start with them."""
+        wholes = self.tokenizer([self.loaded.bos_prefix + text for text in texts])["input_ids"] if texts else []
+        encoded = []
+        for text, prefix, whole in zip(texts, prefixes, wholes):
+            if prefix is None:
+                encoded.append(whole)
+                continue
+            head = self._prefix_ids(prefix)
+            if whole[:len(head)] == head:
+                encoded.append(whole)
+            else:
+                encoded.append(head + self.tokenizer(text[len(prefix):], add_special_tokens=False)["input_ids"])
+        return encoded
 
     def _prefix_ids(self, shared_prefix: str) -> list[int]:
         # The prefix is thousands of tokens and the same for every prompt: tokenize it once.
@@ -116,7 +128,7 @@ class HFBackend:
         # same prefixes, or a scorer after this one (stage 2, leave-one-out), finds them.
         self.prefixes.capacity = max(self.prefixes.capacity, len(distinct) + 1)
         pad_id = self.tokenizer.pad_token_id
-        encoded = [self._split_encode(p, text) for p, text in zip(prompts, prefixes or [None] * len(prompts))]
+        encoded = self._split_encode(prompts, prefixes or [None] * len(prompts))
         prefix_ids = {text: self._prefix_ids(text) for text in distinct}
         if max_prompt_tokens is not None:
             encoded = [ids[-max_prompt_tokens:] for ids in encoded]

@@ -7,7 +7,8 @@ directory, so `make run` uses it as a smoke test of a fresh install.
 Reads: the run's stage-1 prompts (`runs/<run>/prompts/prompts.jsonl`, once stage 1 finished) when
 they exist, else `principles/seed_prompts.jsonl`, or any prompt file given as `prompts`.
 Writes: `runs/<run>/baseline/answers.jsonl` (schema generation/1), drops.jsonl (prompts too long
-for the model's context, with the reason) and `manifest.json`.
+for the model's context, with the reason) and `manifest.json`, which says `failed` when no prompt
+was answered.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from ..generation import SamplingParams, engine_for
 from ..config import GenerationSettings
 from ..inputs import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
-                     settings_of, stage_one_prompts)
+from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
+                     generation_record, settings_of, shortfall, stage_one_prompts)
 
 STAGE = "baseline"
 
@@ -73,5 +74,10 @@ def run(config: BaselineConfig, loaded=None) -> dict:
         generate_into(writer, items, engine, params, record, drops=drops, prompts=stored,
                       drop_fields=lambda key: {"prompt": source[key]["prompt"]})
         total, dropped = len(writer), len(drops)
-    stage.finish({"answers": total, "prompts": len(prompts), "drops": dropped})
+    counts = {"answers": total, "prompts": len(prompts), "drops": dropped}
+    if not total:  # the "before" of the evaluation, and `make run`'s smoke test: nothing is a failure
+        reasons = drop_reasons(stage.read("drops.jsonl")) if dropped else {}
+        raise stage.fail(shortfall(f"answered 0 of {len(prompts)} prompts", reasons),
+                         {**counts, "drop_reasons": reasons})
+    stage.finish(counts)
     return stage.manifest()

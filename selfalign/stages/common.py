@@ -186,6 +186,10 @@ def stage_one_prompts(run_dir) -> Path:
     if not path.exists():
         raise RunError(f"run {run_dir.name!r} has no stage-1 prompts ({path}); run `selfalign stage prompts` "
                        "first, or pass a prompt file (--prompts FILE)")
+    manifest = run_dir.stage("prompts").manifest() or {}
+    if manifest.get("status") == "failed":
+        raise RunError(f"stage 1 (prompts) of run {run_dir.name!r} failed: {manifest.get('failure')}; rerun it "
+                       "with other settings (--restart), or pass a prompt file (--prompts FILE)")
     if not run_dir.stage("prompts").finished:
         raise RunError(f"stage 1 (prompts) of run {run_dir.name!r} is not finished ({path} holds the prompts so "
                        "far); finish it (rerun `selfalign stage prompts`, it resumes), or pass a prompt file "
@@ -196,6 +200,13 @@ def stage_one_prompts(run_dir) -> Path:
 def drop_reasons(rows: Iterable[dict]) -> dict[str, int]:
     """How many drops of each kind (a reason's text before any parenthesised detail)."""
     return dict(Counter(row["reason"].split(" (")[0] for row in rows))
+
+
+def shortfall(kept: str, reasons: dict[str, int]) -> str:
+    """The one-line reason of a stage that kept too little: what it kept (`kept`, e.g. "kept 0 of
+    8 prompts, fewer than min_responses=5"), then its drops by reason (as `drop_reasons` counts them)."""
+    drops = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1]))
+    return f"{kept}; drops: {drops or 'none'}"
 
 
 def stage_frames(stage, columns: dict[str, list[str]]) -> dict:

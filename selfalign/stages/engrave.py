@@ -65,6 +65,9 @@ def responses_of(run_dir: Run, path: str, allow_incomplete: bool) -> tuple[list[
     if manifest is None or not file.exists():
         raise RunError(f"run {run_dir.name!r} has no stage-2 responses ({file}); run stage 2 (self-align) first")
     rows = list(read_jsonl(file))
+    if manifest["status"] == "failed" and not allow_incomplete:
+        raise RunError(f"stage 2 of run {run_dir.name!r} failed: {manifest.get('failure')}; rerun it with other "
+                       f"settings (--restart), or pass allow_incomplete to train on its {len(rows)} responses")
     if manifest["status"] != "finished" and not allow_incomplete:
         raise RunError(f"stage 2 of run {run_dir.name!r} is not finished ({len(rows)} responses so far); finish it "
                        "(rerun self-align, it resumes) or pass allow_incomplete to train on what is there")

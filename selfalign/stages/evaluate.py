@@ -142,6 +142,10 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
                 _write(items, summary, result, label, "vicuna")
 
     table = comparison(config.run, config.runs_dir)
+    answered = len(stage.read("calls.jsonl")) if (stage.path / "calls.jsonl").exists() else 0
+    if not len(table) and not answered:  # nothing to compare: a failure, not an empty table
+        raise stage.fail(f"scored no benchmark item and wrote no Vicuna answer (benchmarks: "
+                         f"{', '.join(config.benchmarks) or 'none'})", {"models": list(models), "rows": 0})
     ev.write_table(table, stage.path / "summary.csv")
     notes = sorted({note for note in table.get("note", []) if note})
     (stage.path / "summary.md").write_text(ev.markdown_table(table.drop(columns=["note"], errors="ignore"))

@@ -39,7 +39,7 @@ from ..records import Run, provenance
 from ..red_team import (clean_topic, example_pairs, filter_reason, hint_line, load_red_team_types, load_templates,
                         normal_form, numbered_list, parse_mixed, parse_numbered_list, plan_line)
 from .common import (check_backend, check_model, check_ranges, drop_reasons, generate_into, generation_record,
-                     settings_of, stage_frames)
+                     settings_of, shortfall, stage_frames)
 
 STAGE = "prompts"
 SCHEMES = ("topic", "mixed")  # how red-team questions are requested (PromptsConfig.red_team_scheme)
@@ -148,8 +148,18 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
     counts["shortfalls"] = short
     for line in short:
         print(f"[prompts] stopped short: {line} (raise max_rounds, or see drops.jsonl for why)")
+    if not self_instruct + red_team:  # stage 2 needs at least one prompt
+        raise stage.fail(shortfall(f"kept no prompt after {len(done)} model calls", reasons), counts)
     stage.finish(counts)
     return stage.manifest()
+
+
+def target_count(config: PromptsConfig) -> int:
+    """The prompts the stage aims to keep: n_self_instruct, and a question a (type, topic) pair
+    (n_per_topic of them under scheme "topic"). An upper bound: the filters drop some."""
+    types = len(load_red_team_types(config.types)[: config.types_limit or None])
+    per_topic = config.n_per_topic if config.red_team_scheme == "topic" else 1
+    return config.n_self_instruct + types * config.topics_per_type * per_topic
 
 
 def tables(run: str, runs_dir: str = "runs") -> dict:
@@ -181,8 +191,7 @@ def _self_instruct(config, seeds, templates, kept, complete, prompts, drops) -> 
         for j in range(config.calls_per_round):
             shown = rng.sample(seeds, config.k_seeds) + rng.sample(generated, min(config.k_generated, len(generated)))
             rng.shuffle(shown)
-            text = templates["self_instruct"].format(examples=numbered_list([s["prompt"] for s in shown]),
-                                                     next=len(shown) + 1)
+            text = self_instruct_request(templates, [s["prompt"] for s in shown])
             calls.append((f"si-{round_}-{j}", text, [s["id"] for s in shown]))
         candidates = []
         for (key, _, shown), call in zip(calls, complete([(k, t) for k, t, _ in calls], params)):
@@ -213,8 +222,7 @@ def _brainstorm(config, types, templates, complete, topics_file, drops) -> dict[
                 # Seeded by type, round and call, so a resume rebuilds the same prompts.
                 rng = random.Random(f"{config.seed}/{t.id}/{round_}/{c}")
                 shown = rng.sample(pool, config.topics_shown) if 0 < config.topics_shown < len(pool) else pool
-                text = templates["topics"].format(name=t.name, description=t.description,
-                                                  examples=numbered_list(shown), next=len(shown) + 1)
+                text = topics_request(templates, t, shown)
                 # The first call keeps the key it had when there was one, so its sample is unchanged.
                 calls.append((t, f"topics-{t.id}-{round_}" + (f"-{c}" if c else ""), text))
         for (t, key, _), call in zip(calls, complete([(key, text) for _, key, text in calls], params)):
@@ -252,10 +260,8 @@ def _topic_questions(config, types, topics, templates, complete, drops):
     calls, fields = [], {}
     for t in types:
         pairs = example_pairs(t)
-        examples = "\n\n".join(f"Topic: {topic}\nQuestion: {question}" for topic, question in pairs)
         for ti, topic in enumerate(topics[t.id]):
-            text = templates["questions"].format(name=t.name, description=t.description, examples=examples,
-                                                 topic=topic)
+            text = questions_request(templates, t, topic)
             for j in range(config.n_per_topic):
                 key = f"rt-{t.id}-{ti}-{j}"
                 calls.append((key, text))
@@ -287,11 +293,7 @@ def _mixed_questions(config, types, topics, templates, complete, drops):
         hints = pairs[start:start + config.questions_per_request]
         shown = rng.sample(examples, min(config.k_seed_questions, len(examples)))
         numbered = list(enumerate(hints, len(shown) + 1))  # the list goes on after the examples
-        text = templates["questions_mixed"].format(
-            examples="\n".join(f"{hint_line(n, t, topic)} {q}" for n, (t, topic, q) in enumerate(shown, 1)),
-            plan="\n".join(plan_line(n, t, topic) for n, (t, topic) in numbered),
-            first=hint_line(numbered[0][0], *hints[0]))
-        calls.append((f"rt-mixed-{r}", text))
+        calls.append((f"rt-mixed-{r}", mixed_request(templates, shown, hints)))
         requests.append((hints, [hint_line(n, t, topic) for n, (t, topic) in numbered], [q for *_, q in shown]))
     candidates = []
     for (key, _), (hints, expected, seeds), call in zip(calls, requests, complete(calls, params)):
@@ -308,6 +310,36 @@ def _mixed_questions(config, types, topics, templates, complete, drops):
                 drops.write({"id": key_i, "reason": "cut off" if i == cut else "no question for this hint",
                              "text": answers.get(i, ""), **fields})
     return params, candidates
+
+
+# The request texts, one function a kind: the stage renders its calls with them, and the dry run
+# (`selfalign.context_fit`) measures the longest ones against the model's context.
+
+def self_instruct_request(templates, shown: list[str]) -> str:
+    """A Self-Instruct call: the numbered list of `shown` prompts, to be continued."""
+    return templates["self_instruct"].format(examples=numbered_list(shown), next=len(shown) + 1)
+
+
+def topics_request(templates, t, shown: list[str]) -> str:
+    """A brainstorm call for type `t`: the numbered list of `shown` topics, to be continued."""
+    return templates["topics"].format(name=t.name, description=t.description, examples=numbered_list(shown),
+                                      next=len(shown) + 1)
+
+
+def questions_request(templates, t, topic: str) -> str:
+    """A scheme-"topic" call: type `t`'s seed (topic, question) pairs, then `topic`."""
+    examples = "\n\n".join(f"Topic: {seed_topic}\nQuestion: {question}" for seed_topic, question in example_pairs(t))
+    return templates["questions"].format(name=t.name, description=t.description, examples=examples, topic=topic)
+
+
+def mixed_request(templates, shown: list[tuple], hints: list[tuple]) -> str:
+    """A scheme-"mixed" call: the `shown` (type, topic, question) examples, then the (type, topic)
+    `hints` to write one question each for, numbered on after the examples."""
+    numbered = list(enumerate(hints, len(shown) + 1))
+    return templates["questions_mixed"].format(
+        examples="\n".join(f"{hint_line(n, t, topic)} {q}" for n, (t, topic, q) in enumerate(shown, 1)),
+        plan="\n".join(plan_line(n, t, topic) for n, (t, topic) in numbered),
+        first=hint_line(numbered[0][0], *hints[0]))
 
 
 def _keep(source, candidates, kept, config, prompts, drops, extra, limit=None) -> list[dict]:

@@ -21,7 +21,9 @@ principles the set lacks. `suppress` pushes down the first token of texts such a
 sampling, as Dromedary's logit bias did. An answer that starts repeating itself is cut
 before the first repeated sentence and kept. A prompt too long for the model's context is dropped
 unanswered. Nothing is lost silently: raw continuations are in calls.jsonl, kept ones in
-responses.jsonl, the rest in drops.jsonl. A resume refuses a prompt whose text changed under its id.
+responses.jsonl, the rest in drops.jsonl. Keeping fewer than `min_responses` fails the stage
+(its manifest says `failed`, with the drops counted): stage 3 could not train on so few. A resume
+refuses a prompt whose text changed under its id.
 
 Reads: `runs/<run>/prompts/prompts.jsonl` (of a finished stage 1, or any prompt file) and `principles/`.
 Writes: `runs/<run>/self_align/` calls.jsonl, responses.jsonl (schema response/1), drops.jsonl.
@@ -41,7 +43,7 @@ from ..records import Run, provenance
 from ..scoring import ModelScorer
 from ..triggers import format_grammar, principle_scores
 from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
-                     generation_record, settings_of, stage_frames, stage_one_prompts)
+                     generation_record, settings_of, shortfall, stage_frames, stage_one_prompts)
 
 STAGE = "self_align"
 
@@ -65,9 +67,11 @@ class SelfAlignConfig(GenerationSettings):
     max_thought_sentences: int = 2  # with constrain_format: thoughts are 1 to this many sentences, then the rules sentence
     max_answer_sentences: int = 3  # with constrain_format: the answer ends after at most this many sentences (0: free)
     score_principles: bool = True  # store each kept response's principle_scores (likelihood of citing each principle)
+    min_responses: int = 5  # fewer kept fail the stage (0: accept none); 5: stage 3's min_examples 4 + its holdout 1
 
     def __post_init__(self):
-        check_ranges(self, non_negative=("limit", "temperature", "min_answer_words", "max_answer_sentences"),
+        check_ranges(self, non_negative=("limit", "temperature", "min_answer_words", "max_answer_sentences",
+                                         "min_responses"),
                      positive=("max_new_tokens", "max_thought_sentences"),
                      probabilities=("top_p",))
         check_backend(self.backend)
@@ -124,7 +128,10 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
     stage = run_dir.stage(STAGE)
     # Everything that can fail without generating fails here, before the manifest records settings.
     principle_set = load_principle_set(config.principles, config.exemplars, config.template)
-    settings = {**settings_of(config), "principles_hash": principle_set.hash}  # an edited principle is a new setting
+    # An edited principle is a new setting; min_responses is not one (it changes no record), so a
+    # failed stage can be rerun with a lower bound and keep what it has.
+    settings = {**{k: v for k, v in settings_of(config).items() if k != "min_responses"},
+                "principles_hash": principle_set.hash}
     prompts = load_prompts(config.prompts or stage_one_prompts(run_dir))[: config.limit or None]
     params = sampling(config, principle_set)
     if params.grammar is not None:
@@ -166,7 +173,11 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
         kept, dropped = len(responses), len(drops)
         reasons = drop_reasons(stage.read("drops.jsonl"))
 
-    stage.finish({"prompts": len(prompts), "responses": kept, "drops": dropped, "drop_reasons": reasons})
+    counts = {"prompts": len(prompts), "responses": kept, "drops": dropped, "drop_reasons": reasons}
+    if kept < config.min_responses:  # stage 3 could not train on so few: stop here, loudly
+        raise stage.fail(shortfall(f"kept {kept} of {len(prompts)} prompts, fewer than min_responses="
+                                   f"{config.min_responses}", reasons), counts)
+    stage.finish(counts)
     return stage.manifest()
 
 

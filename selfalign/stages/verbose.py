@@ -28,11 +28,11 @@ from ..chat_format import ChatFormat, read_instruction
 from ..generation import SamplingParams, engine_for
 from ..config import GenerationSettings
 from ..inputs import PRINCIPLES_DIR
-from ..records import Run, RunError, provenance
+from ..records import Run, RunError, StageFailed, provenance
 from ..training import (TrainSettings, adapted_for_generation, adapter_info, fit_and_compare, load_for_training,
                         process_state, train_settings)
-from .common import (check_backend, check_model, check_ranges, check_resume, generate_into, generation_record,
-                     principle_texts, settings_of)
+from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
+                     generation_record, principle_texts, settings_of, shortfall)
 
 STAGE = "verbose"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")
@@ -109,6 +109,13 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     if state.is_main_process:
         _teach(stage, loaded, prompts, items, params, origin, config, run_dir)
     state.wait_for_everyone()
+    if not (stage.path / "answers.jsonl").exists() or not stage.read("answers.jsonl"):
+        # Nothing for the student to learn: say so now, not as too few training examples later.
+        reasons = drop_reasons(stage.read("drops.jsonl")) if (stage.path / "drops.jsonl").exists() else {}
+        reason = shortfall(f"the teacher answered 0 of {len(prompts)} prompts", reasons)
+        if state.is_main_process:
+            raise stage.fail(reason, {"prompts": len(prompts), "answers": 0, "drop_reasons": reasons})
+        raise StageFailed(STAGE, reason)
     if not config.train:
         return stage.manifest()
     loaded = load_for_training(config.model, train_settings(config), loaded)

@@ -44,6 +44,9 @@ class Example:
     id: str
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken (everything before the answer)
+    # The answer was tokenized on its own: a token of the whole text spans the end of the context, so
+    # its ids differ from what the model writes after that context (build_examples).
+    target_apart: bool = False
 
     @property
     def answer_tokens(self) -> int:
@@ -58,8 +61,13 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
                    overlong: str = "drop", forbidden: tuple[str, ...] = ()) -> tuple[list[Example], list[dict]]:
     """(examples, drops) from records with id, prompt and answer.
 
-    Context and target are tokenized apart and joined, so the context's tokens are exactly those the
-    model sees at inference before it starts answering. A record with `"ended": False` (an answer
+    The ids are those of the whole text (context and target), and the context's are its start: the
+    tokens the model sees at inference before it answers, then the answer's tokens as they follow
+    them. Tokenizing the target on its own would differ for SentencePiece (LLaMA), which starts a
+    text with a word-start "▁" that an answer after "### Dromedary\n" does not have. Where a token
+    of the whole text spans the end of the context (a context ending in a space), the context's
+    ids are kept, since generation sees them, and the target is tokenized on its own after them
+    (`Example.target_apart`). A record with `"ended": False` (an answer
     cut off by the token limit) gets no end-of-answer marker: it must not teach the model to stop
     there. An example over `cutoff` is dropped, or with overlong="truncate" (Dromedary's) keeps the
     start of its answer, again without the marker. `forbidden`: texts that must not be in any
@@ -78,14 +86,17 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
                                "trains on must not include the principles or instructions it is to learn without")
         context = tokenizer(loaded.bos_prefix + context_text)["input_ids"]
         text = chat.target(answer) if record.get("ended", True) else answer
-        target = tokenizer(text, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(loaded.bos_prefix + context_text + text)["input_ids"]
+        apart = whole[:len(context)] != context
+        target = tokenizer(text, add_special_tokens=False)["input_ids"] if apart else whole[len(context):]
         total = len(context) + len(target)
         if total > cutoff and overlong == "truncate" and cutoff - len(context) >= MIN_TRUNCATED_ANSWER:
             target = target[:cutoff - len(context)]
         elif total > cutoff:
             drops.append({"id": record["id"], "reason": f"longer than the cutoff ({total} > {cutoff} tokens)"})
             continue
-        examples.append(check_example(Example(record["id"], context + target, [-100] * len(context) + target)))
+        examples.append(check_example(Example(record["id"], context + target, [-100] * len(context) + target,
+                                              apart)))
     return examples, drops
 
 
@@ -103,12 +114,23 @@ def loss_mask_html(example: Example, tokenizer) -> str:
     import html
 
     spans = []
-    for token, label in zip(example.input_ids, example.labels):
-        text = html.escape(tokenizer.decode([token])).replace("\n", "↵<br>")
+    for token, label, piece in zip(example.input_ids, example.labels, token_texts(example.input_ids, tokenizer)):
+        text = html.escape(piece).replace("\n", "↵<br>")
         colour = "#d9f2d9" if label != -100 else "#eeeeee"
         spans.append(f'<span style="background:{colour};border:1px solid #ccc;margin:1px;'
                      f'white-space:pre-wrap" title="{"loss" if label != -100 else "context"}">{text}</span>')
     return f'<div style="font-family:monospace;line-height:1.9">{"".join(spans)}</div>'
+
+
+def token_texts(ids: list[int], tokenizer) -> list[str]:
+    """Each token's text as it reads in the whole: what it adds to the decoded text so far. A token
+    decoded alone can lose its space (SentencePiece's "▁green" alone reads "green")."""
+    pieces, before = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end])
+        pieces.append(text[len(before):] if text.startswith(before) else tokenizer.decode(ids[end - 1:end]))
+        before = text
+    return pieces
 
 
 MIN_TRUNCATED_ANSWER = 8  # tokens; a prompt that leaves less room than this is dropped, not truncated

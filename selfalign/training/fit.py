@@ -1,9 +1,9 @@
 """What stages 3 and 4 share: records in, adapter and comparison out.
 
 `fit_and_compare` builds the examples, trains on all but the held-out ones, scores the held-out
-answers, and writes the stage's data.jsonl, loss.jsonl, adapter/ and comparison.jsonl. Which
-records to train on (self-aligned answers, identity conversations, a teacher's) is the stage's
-choice, not this module's.
+answers, and writes the stage's data.jsonl, loss.jsonl, adapter/ and comparison.jsonl; with fewer
+than `min_examples` it fails the stage (`Stage.fail`) instead. Which records to train on
+(self-aligned answers, identity conversations, a teacher's) is the stage's choice, not this module's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     score the held-out answers under the base model and the adapted one. Writes the stage's
     data.jsonl (one line per record: its split or why it was dropped), loss.jsonl, adapter/ and
     comparison.jsonl. Returns the counts for the manifest."""
-    from ..records import JsonlWriter, SCHEMAS
+    from ..records import SCHEMAS, JsonlWriter, StageFailed
 
     # Two writers on one stage, or a file edited by hand, can repeat an id; trained on, that answer
     # would weigh double, and `by_id` below would silently keep only one of its texts.
@@ -44,10 +44,17 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     identity = {r["id"] for r in records if r.get("source") == "identity"}
     answers = [e for e in train if e.id not in identity]  # identity conversations alone engrave nothing
     if len(answers) < config.min_examples:
-        raise ValueError(
-            f"only {len(answers)} training examples ({len(records) - len(identity)} records, {len(drops)} dropped, "
-            f"{len(held)} held out); at least min_examples={config.min_examples} are needed. Give the previous stage more "
-            "prompts (its limit), or lower min_examples.")
+        # After the stage started: its manifest must say why it stopped, not stay "running".
+        reasons = dict(Counter(d["reason"].split(" (")[0] for d in drops))
+        reason = (f"kept {len(answers)} training examples of {len(records) - len(identity)} records ({len(held)} held "
+                  f"out), fewer than min_examples={config.min_examples}; drops: "
+                  + (", ".join(f"{r} {n}" for r, n in reasons.items()) or "none")
+                  + ". Give the previous stage more prompts (its limit), or lower min_examples")
+        counts = {"records": len(records), "dropped": len(drops), "drop_reasons": reasons, "train": len(train),
+                  "holdout": len(held), "identity": len(train) - len(answers)}
+        if state.is_main_process:
+            raise stage.fail(reason, counts)
+        raise StageFailed(stage.name, reason)
     if state.is_main_process:
         with JsonlWriter(stage.path / "data.jsonl", SCHEMAS["sft_example/1"]) as data:
             for e in examples:
@@ -55,7 +62,7 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
                 data.write({"id": e.id, "prompt": record["prompt"], "answer": record["answer"],
                             "source": record.get("source", "self_align"), "ended": record.get("ended", True),
                             "split": "holdout" if e.id in holdout_ids else "train", "tokens": len(e.input_ids),
-                            "answer_tokens": e.answer_tokens})
+                            "answer_tokens": e.answer_tokens, "target_apart": e.target_apart})
             for d in drops:
                 record = by_id[d["id"]]
                 data.write({"id": d["id"], "prompt": record["prompt"], "answer": record["answer"],
@@ -66,7 +73,9 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     summary = train_lora(loaded, train, settings, stage.path, seed=config.seed, data_info=data_info)
     counts = {"records": len(records), "dropped": len(drops), "train": len(train), "holdout": len(held),
               "identity": sum(e.id in identity for e in train),
-              "unended": sum(not by_id[e.id].get("ended", True) for e in train), **summary}
+              "unended": sum(not by_id[e.id].get("ended", True) for e in train),
+              # answers tokenized after their context, not with it: a token spans the boundary (examples.py)
+              "target_apart": sum(e.target_apart for e in examples), **summary}
     if state.is_main_process:
         losses = [row["loss"] for row in stage.read("loss.jsonl")]
         # Single steps are noisy at a few examples a batch: compare whole epochs.
