@@ -27,6 +27,11 @@
 # **Why.** This is where the principles act. The answers become the training data of stage 3,
 # which teaches the model to answer this way *without* the principles in its context.
 #
+# **Short on purpose.** Each principle is one sentence and each exemplar a few, because the paper's
+# model, LLaMA-65B, reads 2,048 tokens: the preamble, principles and exemplars take 1,533 of them in
+# LLaMA's tokens, leaving room for a query of 200 and an answer of 256. Lengthen them and
+# `selfalign run --profile full --dry-run -p model DIR` says whether they still fit.
+#
 # **Held to the format.** A 65B base model follows the exemplars' format by itself. A 135M one
 # follows it loosely: left free, it cites "11 (Numerical Sensitivity)" for a principle 11 that is
 # another one, or never writes the answer marker. So by default (`constrain_format`) the model
