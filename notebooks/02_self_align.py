@@ -28,7 +28,7 @@
 # which teaches the model to answer this way *without* the principles in its context.
 #
 # **Short on purpose.** Each principle is one sentence and each exemplar a few, because the paper's
-# model, LLaMA-65B, reads 2,048 tokens: the preamble, principles and exemplars take 1,533 of them in
+# model, LLaMA-65B, reads 2,048 tokens: the preamble, principles and exemplars take 1,535 of them in
 # LLaMA's tokens, leaving room for a query of 200 and an answer of 256. Lengthen them and
 # `selfalign run --profile full --dry-run -p model DIR` says whether they still fit.
 #

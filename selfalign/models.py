@@ -371,7 +371,13 @@ def _load_directory(path, name, dtype, device_map, quantize, trust_remote_code, 
         device_map = device_map or "auto"
     if device_map is not None:
         kwargs["device_map"] = device_map
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        if not Path(path).is_dir():
+            raise  # a hub id: load_model turns this into advice
+        raise ModelError(f"{path}: no tokenizer could be read there (a tokenizer.json or tokenizer.model belongs "
+                         f"beside config.json; transformers: {str(error).strip().splitlines()[0]})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:

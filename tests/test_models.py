@@ -35,6 +35,13 @@ def test_local_directory_round_trip(tiny, tmp_path):
     assert half.model.dtype == torch.bfloat16
 
 
+def test_a_model_directory_without_a_tokenizer_is_one_line_naming_it(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path / "m")  # config.json and weights, no tokenizer
+    with pytest.raises(ModelError, match=f"^{tmp_path / 'm'}: no tokenizer could be read there") as error:
+        load_model(str(tmp_path / "m"))
+    assert "\n" not in str(error.value)
+
+
 def test_pickled_weights_are_refused_by_default(tiny, tmp_path):
     tiny.model.config.save_pretrained(tmp_path / "m")
     tiny.tokenizer.save_pretrained(tmp_path / "m")

@@ -197,15 +197,22 @@ def test_two_replicas_write_the_files_of_one_on_stage_2(ray_cpus, one_replica, t
 def test_two_replicas_keep_the_prompts_of_one_on_stage_1(ray_cpus, tmp_path):
     from selfalign.stages import prompts
 
+    from selfalign.records import StageFailed
+
     def stage_one(runs, replicas):
-        prompts.run(prompts.PromptsConfig(run="r", runs_dir=str(runs), model="tiny-random", n_self_instruct=2,
-                                          calls_per_round=3, types_limit=2, max_rounds=2, list_max_new_tokens=32,
-                                          topic_max_new_tokens=16, question_max_new_tokens=16, batch_size=1,
-                                          replicas=replicas))
+        try:
+            prompts.run(prompts.PromptsConfig(run="r", runs_dir=str(runs), model="tiny-random", n_self_instruct=2,
+                                              calls_per_round=3, types_limit=2, max_rounds=2, list_max_new_tokens=32,
+                                              topic_max_new_tokens=16, question_max_new_tokens=16, batch_size=1,
+                                              replicas=replicas))
+        except StageFailed:  # random text may hold no list item: a failed stage, whose files compare all the same
+            pass
         return runs / "r" / "prompts"
 
     one, two = stage_one(tmp_path / "one", 1), stage_one(tmp_path / "two", 2)
     assert len(read(one / "calls.jsonl")) >= 6  # two Self-Instruct rounds of three calls, topics, questions
+    status = [json.loads((where / "manifest.json").read_text())["status"] for where in (one, two)]
+    assert status[0] == status[1], status
     for name in ("calls.jsonl", "prompts.jsonl", "drops.jsonl", "topics.jsonl"):
         assert (two / name).exists() == (one / name).exists(), name
         if (one / name).exists():
