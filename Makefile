@@ -13,6 +13,11 @@ COMPILE = $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny
+# The public benchmark data (TruthfulQA, BIG-bench HHH, Vicuna, Self-Instruct's seeds), pinned and
+# checked: fetched from upstream, or taken from DATA_FROM, an offline copy (this project's CI:
+# ../shared/data). Offline, `make run` goes on without it and chapter 5 says how to get it.
+DATA_FROM ?=
+DATA = $(BIN)/selfalign data prepare $(if $(DATA_FROM),--from $(DATA_FROM))
 
 .PHONY: setup setup-run setup-book browser tiny-llama test test-quick run book lab benchmark vllm test-vllm clean
 
@@ -80,13 +85,16 @@ tiny-llama: setup-run
 	$(BIN)/selfalign model prepare --name tiny-llama
 
 test: setup tiny-llama
+	-$(DATA)
 	$(BIN)/python -m pytest
 
 test-quick: setup tiny-llama
+	-$(DATA)
 	$(BIN)/python -m pytest -m "not slow"
 
 run: setup-run
 	$(BIN)/selfalign model prepare
+	-$(DATA)
 	$(BIN)/selfalign run --run $(RUN) --profile $(PROFILE)
 
 # The HTML book from the executed notebooks of the last `make run` (nothing is re-executed).

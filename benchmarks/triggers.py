@@ -1,7 +1,7 @@
 """Stage 2 with and without the format grammar, on prompts nobody here wrote, in one run.
 
-The prompts: Vicuna-80 questions (one per category) and BIG-bench HHH "harmless" requests, from
-../shared/data. For each variant of stage 2's settings it runs the stage as `selfalign stage
+The prompts: Vicuna-80 questions (one per category) and BIG-bench HHH "harmless" requests, as
+`selfalign data prepare` wrote them. For each variant of stage 2's settings it runs the stage as `selfalign stage
 self-align` would (fresh run directory, the stage's defaults otherwise) and prints a markdown table:
 kept answers, kept answers that cite at least one principle and no unknown one, records with
 principle_scores, the stage's wall time and generated tokens per second of it (scoring included).
@@ -23,12 +23,13 @@ from pathlib import Path
 
 from selfalign.models import DEFAULT_MODEL, load_model
 from selfalign.principles import load_principle_set
+from selfalign.public_data import data_dir
 from selfalign.records import Run
 from selfalign.stages import self_align
 
 from prompt_budget import principle_files  # this folder's script, on the path when run as a script
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = data_dir()  # what `selfalign data prepare` wrote
 
 
 def prompt_set(count: int) -> list[dict]:

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -62,11 +62,11 @@ from selfalign.stages import evaluate
 config = evaluate.EvaluateConfig(run=run, runs_dir=runs_dir, model=model, benchmarks=benchmarks,
                                  limit=limit, vicuna_limit=vicuna_limit,
                                  max_new_tokens=max_new_tokens, replicas=replicas, judge=judge, seed=seed, **settings)
-data_dir = config.data_dir
+data_dir = evaluate.data_folder(config.data_dir)
 missing = sorted(set(config.benchmarks) - set(evaluate.available(data_dir)))
 if missing:
-    print(f"no data in {data_dir} for {', '.join(missing)}: those are skipped. The README says where each file "
-          "comes from; set data_dir (in `settings`, or `-p data_dir DIR`) to the folder that has them.")
+    print(f"No data in {data_dir} for {', '.join(missing)}, so they are skipped: `selfalign data prepare` fetches "
+          "it (or takes an offline copy, `--from DIR`), then rerun this chapter.")
     config = dataclasses.replace(config, benchmarks=tuple(b for b in config.benchmarks if b not in missing))
 print("models:", ", ".join(evaluate.models_of(Run(run, runs_dir))))
 

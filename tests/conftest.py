@@ -13,7 +13,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 # The user's cache, read before any test isolates it: tiny-llama is prepared there once (`make test`
 # runs `selfalign model prepare --name tiny-llama`), and every test's own cache links to it.
 USER_CACHE = Path(os.environ.get("SELFALIGN_CACHE", Path.home() / ".cache" / "selfalign"))
@@ -62,10 +61,19 @@ def shape(request):
 
 
 @pytest.fixture
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (it exists in this project's CI, not in a user's clone)")
-    return SHARED_DATA
+def public_data():
+    """The public benchmark data as `selfalign data prepare` wrote it into the user's cache (`make
+    test` prepares it); skips the test where it is not prepared, and fails it in CI."""
+    from selfalign.public_data import status
+
+    folder = USER_CACHE / "data"
+    missing = [f.name for f, state in status(folder) if state != "ok"]
+    if missing:
+        message = f"the public data is not prepared in {folder} ({', '.join(missing)}): run `selfalign data prepare`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -76,11 +84,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("SELFALIGN_CACHE", str(cache))
         from selfalign.models import CONVERSION_VERSION, TINY_LLAMA
 
+        # What was prepared once in the user's cache, read through links (tests that prepare set their own cache).
         name = f"{TINY_LLAMA}-v{CONVERSION_VERSION}"
-        prepared, link = USER_CACHE / "models" / name, cache / "models" / name
-        if (prepared / "selfalign-conversion.json").is_file() and not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(prepared, target_is_directory=True)
+        for prepared, link in ((USER_CACHE / "models" / name, cache / "models" / name),
+                               (USER_CACHE / "data", cache / "data")):
+            if prepared.is_dir() and not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(prepared, target_is_directory=True)
 
 
 def kill_once_written(command: list[str], records: Path, lines: int, timeout: float = 120, env=None) -> int:

@@ -32,7 +32,7 @@ def test_bad_benchmarks_and_missing_data_are_errors(tmp_path, tiny):
 
 
 @pytest.mark.slow  # stages 3 and 5 on both shapes: about 13 s
-def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, shape, shared_data, monkeypatch):
+def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, shape, public_data, monkeypatch):
     model, tiny = shape
     runs = str(tmp_path)
     # A run trained under another name: the stage must ask in its format, not the default one.
@@ -50,7 +50,7 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, shape
             return _original(*args, **kwargs)
         monkeypatch.setattr(ev, name, spy)
     config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model=model, limit=4, vicuna_limit=2,
-                                     data_dir=str(shared_data), max_new_tokens=6, batch_size=4)
+                                     data_dir=str(public_data), max_new_tokens=6, batch_size=4)
     manifest = evaluate.run(config, loaded=tiny)
     assert manifest["counts"]["models"] == ["base", "engraved"]
     assert manifest["params"]["chat_format"] == CAMEL
@@ -95,17 +95,17 @@ def test_base_and_engraved_models_on_every_benchmark_then_resume(tmp_path, shape
     before = {name: (stage.path / name).read_text() for name in ("items.jsonl", "summary.jsonl", "calls.jsonl")}
     evaluate.run(config, loaded=tiny)
     assert {name: (stage.path / name).read_text() for name in before} == before
-    answers = evaluate.vicuna_answers("r", runs, shared_data)
+    answers = evaluate.vicuna_answers("r", runs, public_data)
     assert list(answers.columns[:3]) == ["question", "base", "engraved"] and len(answers) == 2
     assert set(answers["engraved vs base"]) <= {"win", "tie", "loss"}
 
 
-def test_the_run_records_its_chat_format_and_a_resume_under_another_is_refused(tmp_path, shape, shared_data):
+def test_the_run_records_its_chat_format_and_a_resume_under_another_is_refused(tmp_path, shape, public_data):
     model, tiny = shape
     runs = str(tmp_path)
     assert evaluate.run_chat_format(Run("r", runs)) == ChatFormat.load()
     config = evaluate.EvaluateConfig(run="r", runs_dir=runs, model=model, benchmarks=("vicuna",),
-                                     vicuna_limit=1, data_dir=str(shared_data), max_new_tokens=2)
+                                     vicuna_limit=1, data_dir=str(public_data), max_new_tokens=2)
     manifest = evaluate.run(config, loaded=tiny)
     assert manifest["params"]["chat_format_source"] == evaluate.DEFAULT_FORMAT_NOTE
     assert manifest["params"]["chat_format"] == ChatFormat.load().to_dict()

@@ -221,7 +221,8 @@ def test_every_stage_runs_on_the_llama_shape(tmp_path, tiny_llama):
                                                          min_responses=0), loaded=tiny_llama)
     assert manifest["counts"]["prompts"] == 6 and "prompt too long" not in manifest["counts"]["drop_reasons"]
     assert len(Run("r", runs).stage("self_align").read("calls.jsonl")) == 6  # every prompt answered
-    assert baseline.run(baseline.BaselineConfig(**common, prompts=seeds, limit=3), loaded=tiny_llama)["counts"]["answers"] == 3
+    answered = baseline.run(baseline.BaselineConfig(**common, prompts=seeds, limit=3), loaded=tiny_llama)
+    assert answered["counts"]["answers"] == 3
 
     responses = str(REPO / "tests" / "data" / "responses.jsonl")
     engraved = engrave.run(engrave.EngraveConfig(**common, responses=responses, epochs=1), loaded=tiny_llama)

@@ -203,12 +203,12 @@ def test_seed_file_with_no_usable_prompt(tmp_path):
         run(config(tmp_path, seeds=str(seeds)), engine=Engine(ScriptedBackend(), progress=False))
 
 
-def test_self_instruct_seed_tasks_load(shared_data, tmp_path):
-    tasks = load_prompts(shared_data / "self_instruct_seed_tasks.jsonl")
+def test_self_instruct_seed_tasks_load(public_data, tmp_path):
+    tasks = load_prompts(public_data / "self_instruct_seed_tasks.jsonl")
     assert len(tasks) == 175
     with_input = next(t for t in tasks if t["instances"][0]["input"])
     assert with_input["prompt"] == with_input["instruction"].strip() + "\n" + with_input["instances"][0]["input"].strip()
-    manifest = run(config(tmp_path, seeds=str(shared_data / "self_instruct_seed_tasks.jsonl"), types_limit=1),
+    manifest = run(config(tmp_path, seeds=str(public_data / "self_instruct_seed_tasks.jsonl"), types_limit=1),
                    engine=Engine(ScriptedBackend(), batch_size=4, progress=False))
     assert manifest["counts"]["self_instruct"] == 5
 

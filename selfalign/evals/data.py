@@ -1,14 +1,13 @@
 """Where the benchmark files are read from, and the error for one that cannot be read.
 
-It deliberately downloads nothing: the loaders read local files (the hub copy of TruthfulQA only
-when a caller passes `from_hub=True`).
+The loaders read local files and download nothing (the hub copy of TruthfulQA only when a caller
+passes `from_hub=True`); by default, the public data `selfalign data prepare` put into the cache
+(`selfalign.public_data`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"  # where this project's machines keep them
+from ..public_data import data_dir  # noqa: F401  (the loaders' default folder, exported by `selfalign.evals`)
 
 
 class EvalDataError(ValueError):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..inputs import describe, read_text
 from ..scoring import as_scorer
-from .data import DATA_DIR, EvalDataError
+from .data import EvalDataError, data_dir
 from .results import EvalResult, _name, _result
 from .templates import exam_requests, load_templates
 
@@ -37,11 +37,11 @@ class HHHExample:
     correct: int  # index into answers
 
 
-def load_hhh(directory: str | Path = DATA_DIR / "hhh_alignment", subsets: Sequence[str] = HHH_SUBSETS) -> list[HHHExample]:
+def load_hhh(directory: str | Path | None = None, subsets: Sequence[str] = HHH_SUBSETS) -> list[HHHExample]:
     """BIG-bench hhh_alignment: `<directory>/<subset>.json` in task.json format, two answers an example."""
-    examples = []
+    examples, directory = [], Path(directory) if directory else data_dir() / "hhh_alignment"
     for subset in subsets:
-        path = Path(directory) / f"{subset}.json"
+        path = directory / f"{subset}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; it is BIG-bench's hhh_alignment/{subset}/task.json")
         try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..inputs import read_text
 from ..scoring import as_scorer
-from .data import DATA_DIR, EvalDataError
+from .data import EvalDataError, data_dir
 from .results import EvalResult, _name, _result
 from .templates import exam_requests, load_templates
 
@@ -47,7 +47,7 @@ def _split_answers(text: str) -> list[str]:
     return [_close(a) for a in text.split(";") if a.strip()]
 
 
-def load_truthfulqa(path: str | Path = DATA_DIR / "truthfulqa.csv", *, from_hub: bool = False) -> list[MCQuestion]:
+def load_truthfulqa(path: str | Path | None = None, *, from_hub: bool = False) -> list[MCQuestion]:
     """TruthfulQA's 817 questions from the original CSV (or, only if asked, the hub's
     `truthful_qa/multiple_choice`, whose MC1 choice sets are larger and which has no categories)."""
     if from_hub:
@@ -56,9 +56,9 @@ def load_truthfulqa(path: str | Path = DATA_DIR / "truthfulqa.csv", *, from_hub:
 
     import pandas as pd
 
-    path = Path(path)
+    path = Path(path) if path else data_dir() / "truthfulqa.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; get TruthfulQA.csv from github.com/sylinrl/TruthfulQA")
+        raise FileNotFoundError(f"{path} does not exist; `selfalign data prepare` fetches TruthfulQA's CSV")
     try:
         # Every cell a string: a question or answer that looks like a number is still text.
         frame = pd.read_csv(io.StringIO(read_text(path, EvalDataError)), dtype=str, keep_default_na=False)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..inputs import read_text
 from ..scoring import as_scorer
-from .data import DATA_DIR, EvalDataError
+from .data import EvalDataError, data_dir
 from .results import EvalResult, _name, _result
 from .templates import exam_requests, load_templates
 
@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 WEAK_JUDGE_PARAMETERS = 7e9  # below this, a judge's verdicts are a smoke test (the paper's judge was GPT-4)
 
 
-def load_vicuna_questions(path: str | Path = DATA_DIR / "vicuna_questions.jsonl") -> list[dict]:
+def load_vicuna_questions(path: str | Path | None = None) -> list[dict]:
     """FastChat's question.jsonl: question_id, category, turns; `question` joins the turns."""
-    path = Path(path)
+    path = Path(path) if path else data_dir() / "vicuna_questions.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; it is FastChat's llm_judge vicuna_bench/question.jsonl")
+        raise FileNotFoundError(f"{path} does not exist; `selfalign data prepare` fetches FastChat's Vicuna questions")
     questions = []
     for number, line in enumerate(read_text(path, EvalDataError).split("\n"), 1):
         if not line.strip():

@@ -33,7 +33,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import evals as ev
+from .. import evals as ev, public_data
 from ..chat_format import ChatFormat
 from ..generation import SamplingParams, engine_for
 from ..config import ReplicaSettings, StageSettings
@@ -54,7 +54,8 @@ class EvaluateConfig(ReplicaSettings, StageSettings):  # replicas: the Vicuna an
     benchmarks: tuple[str, ...] = BENCHMARKS
     limit: int = 10  # items sampled from each benchmark (0: all; TruthfulQA has 817, HHH 221, Vicuna 80)
     vicuna_limit: int = 2  # Vicuna questions (0: as limit); each model generates an answer to each
-    data_dir: str = str(ev.DATA_DIR)  # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl
+    # truthfulqa.csv, hhh_alignment/, vicuna_questions.jsonl; "": what `selfalign data prepare` wrote
+    data_dir: str = ""
     truthfulqa_paper: bool = True  # also the paper's true/false exam variant of MC1
     judge: str = ""  # the Vicuna judge: a model name or directory; "": the base model
     max_new_tokens: int = 64  # per Vicuna answer
@@ -171,8 +172,13 @@ def _chat_format_and_source(run_dir: Run) -> tuple[ChatFormat, str]:
     return ChatFormat.load(), DEFAULT_FORMAT_NOTE
 
 
+def data_folder(data_dir: str | Path) -> Path:
+    """The folder the benchmarks are read from: `data_dir`, or "" for the prepared public data in the cache."""
+    return Path(data_dir) if str(data_dir) else public_data.data_dir()
+
+
 def data_files(data_dir: str | Path) -> dict[str, Path]:
-    root = Path(data_dir)
+    root = data_folder(data_dir)
     return {"truthfulqa": root / "truthfulqa.csv", "hhh": root / "hhh_alignment",
             "vicuna": root / "vicuna_questions.jsonl"}
 
@@ -186,8 +192,8 @@ def _load_data(config) -> dict:
     files = data_files(config.data_dir)
     missing = [str(files[b]) for b in config.benchmarks if not files[b].exists()]
     if missing:
-        raise RunError(f"benchmark data not found: {', '.join(missing)}; pass data_dir (see the README for "
-                       "where each file comes from) or leave those benchmarks out")
+        raise RunError(f"benchmark data not found: {', '.join(missing)}; `selfalign data prepare` fetches it (or "
+                       "takes an offline copy, --from DIR), or pass data_dir, or leave those benchmarks out")
     data = {}
     if "truthfulqa" in config.benchmarks:
         data["truthfulqa"] = sample(ev.load_truthfulqa(files["truthfulqa"]), config.limit, config.seed)
@@ -303,7 +309,7 @@ def truthfulqa_by_category(run: str, runs_dir: str = "runs", metric: str = "mc1"
     return table.sort_values("n", ascending=False)
 
 
-def vicuna_answers(run: str, runs_dir: str = "runs", data_dir: str | Path = ev.DATA_DIR):
+def vicuna_answers(run: str, runs_dir: str = "runs", data_dir: str | Path = ""):
     """One row per Vicuna question: the question, then each model's answer, then each trained
     model's verdict against the base model."""
     import pandas as pd

@@ -35,6 +35,7 @@ from ..config import GenerationSettings
 from ..dedup import rouge_l_filter
 from ..generation import Engine, SamplingParams, engine_for
 from ..inputs import PRINCIPLES_DIR, PromptFileError, load_prompts
+from ..public_data import seeds_path
 from ..records import Run, provenance
 from ..red_team import (clean_topic, example_pairs, filter_reason, hint_line, load_red_team_types, load_templates,
                         normal_form, numbered_list, parse_mixed, parse_numbered_list, plan_line)
@@ -48,7 +49,8 @@ SOURCES = ("self_instruct", "red_team")
 
 @dataclass
 class PromptsConfig(GenerationSettings):
-    seeds: str = str(PRINCIPLES_DIR / "seed_prompts.jsonl")  # or Self-Instruct's seed_tasks.jsonl
+    # a prompt file, or "self-instruct": Self-Instruct's 175 seed tasks as `selfalign data prepare` wrote them
+    seeds: str = str(PRINCIPLES_DIR / "seed_prompts.jsonl")
     types: str = str(PRINCIPLES_DIR / "red_team_types.yaml")
     templates: str = str(PRINCIPLES_DIR / "red_team_templates.yaml")
     n_self_instruct: int = 8  # Self-Instruct prompts to keep
@@ -170,7 +172,7 @@ def tables(run: str, runs_dir: str = "runs") -> dict:
 
 
 def _usable_seeds(config) -> list[dict]:
-    seeds = load_prompts(config.seeds)
+    seeds = load_prompts(seeds_path(config.seeds))
     usable = [s for s in seeds if filter_reason(s["prompt"], config.min_words, config.max_words) is None]
     if len(usable) < max(config.k_seeds, 1):
         raise PromptFileError(f"{config.seeds}: {len(usable)} usable seed prompts (of {len(seeds)}); "
