@@ -16,6 +16,15 @@ from pathlib import Path
 
 from ..models import LoadedModel, ModelError
 
+
+@contextmanager
+def peft_quietly():
+    """peft asks transformers `is_gradient_checkpointing`, a name transformers has deprecated:
+    nothing for a reader to act on, so the warning stays out of the chapters' output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
 ADAPTER_INFO = "selfalign_adapter.json"
 
 
@@ -45,7 +54,8 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
 
     _check_fits(loaded, adapter_dir)
     try:
-        model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+        with peft_quietly():
+            model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
     except (RuntimeError, ValueError) as error:
         raise ModelError(f"adapter {adapter_dir} does not fit {loaded.name!r}: {error}") from error
     model.eval()
@@ -116,7 +126,8 @@ def adapters_for_generation(loaded: LoadedModel, adapter_dirs: dict[str, str | P
             _check_fits(loaded, directory)
             try:
                 if model is None:
-                    model = PeftModel.from_pretrained(loaded.model, str(directory), adapter_name=name)
+                    with peft_quietly():
+                        model = PeftModel.from_pretrained(loaded.model, str(directory), adapter_name=name)
                 else:
                     model.load_adapter(str(directory), adapter_name=name)
             except (RuntimeError, ValueError) as error:

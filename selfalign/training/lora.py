@@ -20,7 +20,7 @@ from pathlib import Path
 from ..chat_format import ChatFormat
 from ..models import LoadedModel
 from ..records import adapter_path
-from .adapters import ADAPTER_INFO, _adapter_state, _strip_lora, model_shape
+from .adapters import ADAPTER_INFO, _adapter_state, _strip_lora, model_shape, peft_quietly
 from .checkpoints import _resume, _save_checkpoint
 from .examples import Example, _collate
 from .model_card import save_tokenizer, template_prefix, write_model_card
@@ -68,7 +68,8 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
         base.enable_input_require_grads()
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora)
+    with peft_quietly():
+        model = get_peft_model(base, lora)
     model.train()
     try:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
