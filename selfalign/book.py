@@ -99,6 +99,7 @@ def run_book(run: str, runs_dir: str | Path, plan: list[tuple[Path, dict]], prog
              log=print) -> list[Path]:
     """Execute a `plan_book` plan in order; return the executed copies. Raises NotebookFailed."""
     import papermill
+    from traitlets.config import Config
 
     from .records import Run
 
@@ -113,8 +114,11 @@ def run_book(run: str, runs_dir: str | Path, plan: list[tuple[Path, dict]], prog
             continue
         log(f"[{notebook.stem}] running into {executed}")
         try:
+            # The kernel talks to papermill over local sockets (IPC), not unencrypted TCP, which ipykernel
+            # warns about at the top of every chapter's log.
             papermill.execute_notebook(str(notebook), str(executed), parameters=values, kernel_name="python3",
-                                       progress_bar=progress, cwd=str(NOTEBOOK_DIR.parent))
+                                       progress_bar=progress, cwd=str(NOTEBOOK_DIR.parent),
+                                       config=Config({"KernelManager": {"transport": "ipc"}}))
         except Exception as error:  # papermill's execution error, a dead kernel, a timeout
             raise NotebookFailed(notebook, executed, error) from error
     return executed_paths
@@ -127,6 +131,7 @@ def build_book(run: str, runs_dir: str | Path = "runs", log=print) -> Path:
     in `runs/<run>/book/`, so pages show that run's outputs and nothing is executed at build time.
     Sphinx warnings (a missing page, say) fail the build.
     """
+    import json
     import shutil
     import subprocess
     import sys
@@ -150,13 +155,52 @@ def build_book(run: str, runs_dir: str | Path = "runs", log=print) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(root / name, stage / name)
     shutil.copytree(root / "book", stage / "book")
+    shutil.copytree(root / "_static", stage / "_static")  # the book's CSS: long code lines wrap
     shutil.copytree(root / "principles", stage / "principles")  # the reference page includes them
     for name in wanted:
         if name.startswith("notebooks/"):
-            shutil.copy(executed_dir / (Path(name).name + ".ipynb"), stage / "notebooks")
+            executed = json.loads((executed_dir / (Path(name).name + ".ipynb")).read_text(encoding="utf-8"))
+            (stage / "notebooks" / (Path(name).name + ".ipynb")).write_text(
+                json.dumps(one_parameters_cell(executed), ensure_ascii=False, indent=1), encoding="utf-8")
     jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-book")
     if jupyter_book is None:
         raise FileNotFoundError('jupyter-book is not installed: pip install "jupyter-book>=1,<2"')
     log(f"building the book from {executed_dir}")
     subprocess.run([jupyter_book, "build", str(stage), "--warningiserror", "--quiet"], check=True)
     return stage / "_build" / "html" / "index.html"
+
+
+def one_parameters_cell(notebook: dict) -> dict:
+    """An executed notebook as the book shows it: its declared `parameters` cell, whose comments say
+    what each parameter is, holding the values papermill injected (the ones the run used), and no
+    injected cell after it. Where the injected cell sets a name the declared one lacks, both stay."""
+    import ast
+    import copy
+
+    cells = notebook.get("cells", [])
+    tagged = {tag: i for i, cell in enumerate(cells) for tag in cell.get("metadata", {}).get("tags", [])}
+    if "parameters" not in tagged or "injected-parameters" not in tagged:
+        return notebook
+    declared_cell, injected_cell = cells[tagged["parameters"]], cells[tagged["injected-parameters"]]
+    declared, injected = ("".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+                          for c in (declared_cell, injected_cell))
+    values = {node.targets[0].id: ast.get_source_segment(injected, node.value)
+              for node in ast.parse(injected).body if isinstance(node, ast.Assign)}
+    spans = {}
+    for node in ast.parse(declared).body:
+        target = (node.target if isinstance(node, ast.AnnAssign) else
+                  node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and node.value is not None and target.id in values:
+            spans[target.id] = node.value
+    if set(values) - set(spans):
+        return notebook
+    lines = declared.splitlines(keepends=True)
+    for name, value in sorted(spans.items(), key=lambda item: (item[1].lineno, item[1].col_offset), reverse=True):
+        first, last = lines[value.lineno - 1], lines[value.end_lineno - 1]
+        replaced = first[:value.col_offset] + values[name] + last[value.end_col_offset:]
+        lines[value.lineno - 1:value.end_lineno] = [replaced]
+    shown = copy.deepcopy(notebook)
+    shown["cells"][tagged["parameters"]]["source"] = "".join(lines)
+    del shown["cells"][tagged["injected-parameters"]]
+    return shown
+

@@ -55,6 +55,10 @@ def assert_pages_show_the_run(run):
         truthfulqa = stem == "05_evaluation" and any(r["benchmark"] == "truthfulqa_mc"
                                                      for r in jsonl(run / "evaluate" / "summary.jsonl"))
         assert page.count("<img") >= max(drawn, PLOTS[stem] + truthfulqa), stem
+    # One parameters cell a chapter: the declared one, with the values this run used (TINY's limit 2).
+    text = {stem: markup.unescape(re.sub(r"<[^>]+>", "", page)) for stem, page in pages.items()}
+    assert not any("# Parameters" in t for t in text.values())
+    assert "limit: int = 2  # answer the first N prompts" in text["02_self_align"]
     # Chapter 1 shows a sample of up to 12 of the kept prompts.
     kept = jsonl(run / "prompts" / "prompts.jsonl")
     found = [shows(pages["01_red_team_prompts"], p["prompt"]) for p in kept]
@@ -84,6 +88,26 @@ def assert_pages_show_the_run(run):
     assert f"models: {', '.join(models)}" in evaluation
     if (run / "evaluate" / "summary.jsonl").exists():  # the benchmarks' data was there
         assert all(f"<th>{m}</th>" in evaluation for m in models)
+
+
+def test_the_book_shows_one_parameters_cell_with_the_values_the_run_used():
+    from selfalign.book import one_parameters_cell
+
+    def cell(source, tag):
+        return {"cell_type": "code", "metadata": {"tags": [tag]}, "source": source, "outputs": []}
+
+    declared = cell('run: str = "demo"  # the run\nlimit: int = 16  # prompts (0: all)\n'
+                    'settings: dict = {\n    "a": 1,\n}  # more\n', "parameters")
+    injected = cell('# Parameters\nrun = "r"\nlimit = 2\nsettings = {"b": [1, 2]}\n', "injected-parameters")
+    notebook = {"cells": [declared, injected, cell("print(limit)", "other")]}
+    shown = one_parameters_cell(notebook)
+    assert [c["metadata"]["tags"] for c in shown["cells"]] == [["parameters"], ["other"]]
+    assert shown["cells"][0]["source"] == ('run: str = "r"  # the run\nlimit: int = 2  # prompts (0: all)\n'
+                                           'settings: dict = {"b": [1, 2]}  # more\n')
+    assert len(notebook["cells"]) == 3  # the executed copy itself is left as it is
+    # A name the declared cell lacks: both cells stay, so that no value the run used is hidden.
+    extra = {"cells": [declared, cell(injected["source"] + "other = 3\n", "injected-parameters")]}
+    assert one_parameters_cell(extra) == extra
 
 
 @pytest.mark.slow

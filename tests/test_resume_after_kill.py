@@ -6,6 +6,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from conftest import kill_once_written
 
 
@@ -15,6 +17,7 @@ def stage_command(tmp_path, prompts_file):
             "--batch-size", "1", "--max-new-tokens", "24", "--temperature", "1.0"]
 
 
+@pytest.mark.slow  # a subprocess killed and rerun: 11-15 s, the longest of the quick tests before
 def test_sigkill_then_rerun_gives_each_record_once(tmp_path):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": f"p{i:03}", "prompt": f"question number {i} about the fox"}) + "\n"
