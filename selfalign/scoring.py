@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .generation.cache import cache_keyword
+from .generation.contract import tokens_after
 
 
 class Score(NamedTuple):
@@ -47,10 +48,7 @@ def encode_requests(tokenizer, requests, bos_prefix: str = "") -> list[tuple[lis
     encoded = []
     for (context, continuation), whole in zip(requests, wholes):
         ids = list(context_ids[context])
-        if whole[:len(ids)] == ids:
-            rest = list(whole[len(ids):])
-        else:
-            rest = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        rest, _ = tokens_after(tokenizer, ids, whole, continuation)
         encoded.append((ids or [start], rest))  # an empty context conditions on bos (or eos)
     return encoded
 

@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 USER_CACHE = Path(os.environ.get("SELFALIGN_CACHE", Path.home() / ".cache" / "selfalign"))
 
 
+def unavailable(reason: str, in_ci: str = "CI must run it (`make test` prepares what it needs)"):
+    """Skip a test whose prerequisite is missing here; fail it in CI, which must run it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: {in_ci}", pytrace=False)
+    pytest.skip(reason)
+
+
 def tiny_llama_dir() -> Path:
     """The prepared tiny-llama (LLaMA-1's tokenizer and context, random weights); skips the test
     where it is not prepared, and fails it in CI, which must test the LLaMA shape."""
@@ -25,10 +32,7 @@ def tiny_llama_dir() -> Path:
 
     path = USER_CACHE / "models" / f"{TINY_LLAMA}-v{CONVERSION_VERSION}"
     if not (path / "selfalign-conversion.json").is_file():
-        message = f"tiny-llama is not prepared in {path}: run `selfalign model prepare --name tiny-llama`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"tiny-llama is not prepared in {path}: run `selfalign model prepare --name tiny-llama`")
     return path
 
 
@@ -69,10 +73,7 @@ def public_data():
     folder = USER_CACHE / "data"
     missing = [f.name for f, state in status(folder) if state != "ok"]
     if missing:
-        message = f"the public data is not prepared in {folder} ({', '.join(missing)}): run `selfalign data prepare`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"the public data is not prepared in {folder} ({', '.join(missing)}): run `selfalign data prepare`")
     return folder
 
 

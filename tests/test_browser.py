@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import REPO
+from conftest import REPO, unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking switches Chromium keeps calling home, and the closed network refuses it.
@@ -28,25 +28,20 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NOTEBOOK = "06_explore_principles.ipynb"
 PARAMETERS = {"run": "web", "model": "tiny-random", "max_new_tokens": 8, "regenerate_prompts": 2}
+BROWSER_IN_CI = "CI must run the browser test (`make browser` installs Chromium)"
 WAIT_MS = 180_000  # kernel start, torch import and the first cells, on 2 busy cores
-
-
-def unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}: CI must run the browser test (`make browser` installs Chromium)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture
 def browser_context(tmp_path):
     if not CHROMIUM.exists():
-        unavailable(f"{CHROMIUM} is missing (apt-get install chromium, or `make browser` as root)")
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium, or `make browser` as root)", BROWSER_IN_CI)
     if importlib.util.find_spec("jupyterlab") is None:
-        unavailable("jupyterlab is not installed (pip install -e '.[dev]')")
+        unavailable("jupyterlab is not installed (pip install -e '.[dev]')", BROWSER_IN_CI)
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        unavailable("playwright is not installed (pip install -e '.[dev]')")
+        unavailable("playwright is not installed (pip install -e '.[dev]')", BROWSER_IN_CI)
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

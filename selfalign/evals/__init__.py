@@ -32,7 +32,8 @@ from .vicuna import WEAK_JUDGE_PARAMETERS, judge_note, judge_pair, judge_pairwis
 __all__ = [
     "EVAL_SCHEMAS", "HHH_SUBSETS", "TEMPLATES", "WEAK_JUDGE_PARAMETERS",
     "EvalDataError", "EvalResult", "HHHExample", "MCQuestion",
-    "by_category", "exam_requests", "hhh_eval", "item_records", "judge_note", "judge_pair", "judge_pairwise",
+    "by_category", "data_dir", "exam_requests", "hhh_eval", "item_records", "judge_note", "judge_pair",
+    "judge_pairwise",
     "load_hhh", "load_templates", "load_truthfulqa", "load_vicuna_questions", "markdown_table", "mc1", "mc2",
     "plot_by_category", "summary_records", "summary_table", "truthfulqa_mc", "truthfulqa_mc_paper", "write_table",
 ]

@@ -5,7 +5,8 @@ and `Backend` is what every backend implements: `stream_batch` completes one bat
 sampling from seeds[i]. Each prompt samples from its own random generator, seeded by `prompt_seed`
 from the run's seed and the prompt's key (a record id, or by `default_keys` the text and its
 occurrence), so a prompt's completion does not depend on which batch it landed in or on a resume.
-`cut_at_stop` and `first_token_biases` are the pure helpers the backends share.
+`cut_at_stop` and `first_token_biases` are the pure helpers the backends share; `tokens_after`
+is how generation, training and scoring agree on the tokens that follow a context.
 
 This module imports nothing else of ours, nor torch or transformers (`first_token_biases` takes a
 tokenizer object), so that every backend can depend on it and on nothing else; it does not batch
@@ -117,6 +118,17 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
         if at != -1 and at < best:
             best, which = at, stop
     return text[:best], which
+
+
+def tokens_after(tokenizer, head: list[int], whole: list[int], rest: str) -> tuple[list[int], bool]:
+    """The ids that follow `head` (a context's ids) in `whole` (the ids of the context and `rest`
+    tokenized together), and False: what the model sees, or writes, after that context. Tokenizing
+    `rest` on its own would differ for SentencePiece (LLaMA), which starts a text with a word-start
+    "▁" that the same text after a newline lacks. Where a token of `whole` spans the boundary (a
+    context ending in a space), `head` is not its start: then `rest` tokenized on its own, and True."""
+    if whole[:len(head)] == head:
+        return list(whole[len(head):]), False
+    return tokenizer(rest, add_special_tokens=False)["input_ids"], True
 
 
 def first_token_biases(tokenizer, logit_bias: Sequence[tuple[str, float]]) -> dict[int, float]:

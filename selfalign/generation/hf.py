@@ -15,7 +15,7 @@ import copy
 from typing import Sequence
 
 from .cache import PrefixStore, cache_keyword, copy_prefix
-from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases
+from .contract import Completion, SamplingParams, cut_at_stop, first_token_biases, tokens_after
 from .grammar import GrammarConstraint, grammar_tokenizer
 from .processors import GeneratedNoRepeatNGram, GeneratedRepetitionPenalty, LogitBias
 from .sampler import NucleusSampler
@@ -65,22 +65,17 @@ class HFBackend:
 
     def _split_encode(self, texts: Sequence[str], prefixes: Sequence[str | None]) -> list[list[int]]:
         """Each text's ids as the model would see it without a cache: those of the whole text, which
-        start with its shared prefix's (cached) ids. Tokenizing the rest on its own would differ for
-        SentencePiece (LLaMA), which starts a text with a word-start "▁" that "\n\nUser:" in the
-        middle of a text does not have. Where a merge crosses the boundary, so that the whole text
-        does not start with the prefix's ids, the rest is tokenized on its own after them: the cache
-        holds the prefix's ids, and every row behind it must start with them."""
+        start with its shared prefix's (cached) ids (`tokens_after`). Where a token spans the
+        boundary, the rest is tokenized on its own after the prefix's ids: the cache holds those,
+        and every row behind it must start with them."""
         wholes = self.tokenizer([self.loaded.bos_prefix + text for text in texts])["input_ids"] if texts else []
         encoded = []
         for text, prefix, whole in zip(texts, prefixes, wholes):
             if prefix is None:
                 encoded.append(whole)
-                continue
-            head = self._prefix_ids(prefix)
-            if whole[:len(head)] == head:
-                encoded.append(whole)
             else:
-                encoded.append(head + self.tokenizer(text[len(prefix):], add_special_tokens=False)["input_ids"])
+                head = self._prefix_ids(prefix)
+                encoded.append(head + tokens_after(self.tokenizer, head, whole, text[len(prefix):])[0])
         return encoded
 
     def _prefix_ids(self, shared_prefix: str) -> list[int]:

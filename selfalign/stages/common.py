@@ -1,5 +1,5 @@
 """What generating stages share: answer keyed prompts, appending one record per prompt, resumably;
-the settings a manifest records; the shape of a generation record; drop tallies; stage tables;
+the settings a manifest records; the shape of a generation record; stage tables;
 and the checks a stage makes before it starts (setting ranges, backend, model, stale records).
 
 A resume skips the ids already on disk, so each generation record carries the hash of the exact
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,7 +20,8 @@ from typing import Callable, Iterable
 from ..generation import BACKENDS, Completion, Engine, SamplingParams
 from ..inputs import PRINCIPLES_DIR
 from ..models import check_model  # noqa: F401  (the stages import it from here with the other checks)
-from ..records import JsonlWriter, RunError, read_jsonl
+# drop_reasons and shortfall live beside StageFailed (training uses them too); the stages import them from here.
+from ..records import JsonlWriter, RunError, drop_reasons, read_jsonl, shortfall  # noqa: F401
 
 
 def generate_into(writer: JsonlWriter, items: list[tuple[str, str]], engine: Engine, params: SamplingParams,
@@ -195,18 +195,6 @@ def stage_one_prompts(run_dir) -> Path:
                        "far); finish it (rerun `selfalign stage prompts`, it resumes), or pass a prompt file "
                        "(--prompts FILE)")
     return path
-
-
-def drop_reasons(rows: Iterable[dict]) -> dict[str, int]:
-    """How many drops of each kind (a reason's text before any parenthesised detail)."""
-    return dict(Counter(row["reason"].split(" (")[0] for row in rows))
-
-
-def shortfall(kept: str, reasons: dict[str, int]) -> str:
-    """The one-line reason of a stage that kept too little: what it kept (`kept`, e.g. "kept 0 of
-    8 prompts, fewer than min_responses=5"), then its drops by reason (as `drop_reasons` counts them)."""
-    drops = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1]))
-    return f"{kept}; drops: {drops or 'none'}"
 
 
 def stage_frames(stage, columns: dict[str, list[str]]) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat_format import ChatFormat
+from ..generation.contract import tokens_after
 from ..inputs import read_yaml
 from ..models import LoadedModel
 
@@ -63,11 +64,10 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
 
     The ids are those of the whole text (context and target), and the context's are its start: the
     tokens the model sees at inference before it answers, then the answer's tokens as they follow
-    them. Tokenizing the target on its own would differ for SentencePiece (LLaMA), which starts a
-    text with a word-start "▁" that an answer after "### Dromedary\n" does not have. Where a token
-    of the whole text spans the end of the context (a context ending in a space), the context's
-    ids are kept, since generation sees them, and the target is tokenized on its own after them
-    (`Example.target_apart`). A record with `"ended": False` (an answer
+    them (`generation.contract.tokens_after`; on its own, an answer after "### Dromedary\n" would
+    start with SentencePiece's word-start "▁"). Where a token of the whole text spans the end of the
+    context, the context's ids are kept, since generation sees them, and the target is tokenized on
+    its own after them (`Example.target_apart`). A record with `"ended": False` (an answer
     cut off by the token limit) gets no end-of-answer marker: it must not teach the model to stop
     there. An example over `cutoff` is dropped, or with overlong="truncate" (Dromedary's) keeps the
     start of its answer, again without the marker. `forbidden`: texts that must not be in any
@@ -87,8 +87,7 @@ def build_examples(records: list[dict], loaded: LoadedModel, chat: ChatFormat, c
         context = tokenizer(loaded.bos_prefix + context_text)["input_ids"]
         text = chat.target(answer) if record.get("ended", True) else answer
         whole = tokenizer(loaded.bos_prefix + context_text + text)["input_ids"]
-        apart = whole[:len(context)] != context
-        target = tokenizer(text, add_special_tokens=False)["input_ids"] if apart else whole[len(context):]
+        target, apart = tokens_after(tokenizer, context, whole, text)
         total = len(context) + len(target)
         if total > cutoff and overlong == "truncate" and cutoff - len(context) >= MIN_TRUNCATED_ANSWER:
             target = target[:cutoff - len(context)]

@@ -25,7 +25,7 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     score the held-out answers under the base model and the adapted one. Writes the stage's
     data.jsonl (one line per record: its split or why it was dropped), loss.jsonl, adapter/ and
     comparison.jsonl. Returns the counts for the manifest."""
-    from ..records import SCHEMAS, JsonlWriter, StageFailed
+    from ..records import SCHEMAS, JsonlWriter, StageFailed, drop_reasons, shortfall
 
     # Two writers on one stage, or a file edited by hand, can repeat an id; trained on, that answer
     # would weigh double, and `by_id` below would silently keep only one of its texts.
@@ -45,11 +45,10 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     answers = [e for e in train if e.id not in identity]  # identity conversations alone engrave nothing
     if len(answers) < config.min_examples:
         # After the stage started: its manifest must say why it stopped, not stay "running".
-        reasons = dict(Counter(d["reason"].split(" (")[0] for d in drops))
-        reason = (f"kept {len(answers)} training examples of {len(records) - len(identity)} records ({len(held)} held "
-                  f"out), fewer than min_examples={config.min_examples}; drops: "
-                  + (", ".join(f"{r} {n}" for r, n in reasons.items()) or "none")
-                  + ". Give the previous stage more prompts (its limit), or lower min_examples")
+        reasons = drop_reasons(drops)
+        reason = shortfall(f"kept {len(answers)} training examples of {len(records) - len(identity)} records "
+                           f"({len(held)} held out), fewer than min_examples={config.min_examples}", reasons)
+        reason += ". Give the previous stage more prompts (its limit), or lower min_examples"
         counts = {"records": len(records), "dropped": len(drops), "drop_reasons": reasons, "train": len(train),
                   "holdout": len(held), "identity": len(train) - len(answers)}
         if state.is_main_process:
