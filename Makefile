@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # project's machines) nothing is ever cached, and every kernel would compile torch on import.
 PIP = $(BIN)/python -m pip install --quiet --no-compile
 COMPILE = $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
-# CPU build from this machine's local wheel; a GPU user installs their CUDA torch first (README).
+# CPU build from this machine's local wheel; a GPU user installs their CUDA torch first (docs/install.md).
 TORCH ?= torch==2.13.0
 RUN ?= demo
 PROFILE ?= tiny

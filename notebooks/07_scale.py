@@ -137,7 +137,7 @@ plt.tight_layout()
 # checkpointing, which recomputes the forward), at `mfu` of the card's peak.
 #
 # Wall time: generation runs on `generation_replicas` replicas of `gpus_per_replica` GPUs each
-# (the stages' `replicas` setting; README, "Generation on several replicas"), training on
+# (the stages' `replicas` setting; docs/generation.md, "Generation on several replicas"), training on
 # `processes` GPUs. `wall_hours` is a stage's GPU-hours over its GPUs: more replicas shorten the
 # wall time, and leave the GPU-hours as they are.
 
@@ -199,4 +199,4 @@ pd.DataFrame(rows)
 # To run the stages at this scale: `selfalign stage prompts|self-align --backend hf-static` (or
 # `--backend vllm --tensor-parallel-size 8` where vLLM is installed, with `--replicas N` to spread
 # the prompts over N such replicas on a Ray cluster: `configs/slurm/`), and the accelerate configs
-# in `configs/accelerate/` for stages 3 and 4 (see the README).
+# in `configs/accelerate/` for stages 3 and 4 (docs/stages.md, "Training at scale").

@@ -1,5 +1,5 @@
-"""configs/accelerate/: accelerate reads every file and derives from it what the README says it
-launches, and the commands written in the files and in the README use the stage's real flags.
+"""configs/accelerate/: accelerate reads every file and derives from it what docs/stages.md says it
+launches, and the commands written in the files and in docs/stages.md use the stage's real flags.
 
 Nothing here starts a process or needs a GPU: accelerate's own launcher code parses the command
 line and the file and prepares torchrun's arguments and environment, and torchrun turns those into
@@ -65,7 +65,7 @@ def test_fsdp_shards_decoder_layers_over_eight_processes():
 
 def test_multinode_gives_each_node_its_rank_and_the_main_address():
     config = REPO / "configs" / "accelerate" / "fsdp_multinode.yaml"
-    # The second node, as the README's Slurm script launches it (a rank other than 0 checks no port).
+    # The second node, as docs/stages.md's Slurm script launches it (a rank other than 0 checks no port).
     args, env = launch(config, "--machine_rank", "1", "--main_process_ip", "192.168.1.7")
     assert args.use_fsdp and env["ACCELERATE_USE_FSDP"] == "true"
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
@@ -82,21 +82,21 @@ def test_multinode_gives_each_node_its_rank_and_the_main_address():
 
 
 def written_commands() -> list[tuple[str, str]]:
-    """Every `accelerate launch ... -m selfalign stage ...` in the configs' comments and the README."""
+    """Every `accelerate launch ... -m selfalign stage ...` in the configs' comments and docs/stages.md."""
     found = []
     for config in CONFIGS:
         comment = "\n".join(line[1:] for line in config.read_text().splitlines() if line.startswith("#"))
         found += [(config.name, text) for text in re.findall(r"accelerate launch (?:[^\n]*\\\n)*[^\n]*",
                                                             comment)]
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    found += [("README.md", text) for text in re.findall(r"accelerate launch (?:[^\n`]*\\\n)*[^\n`']*", readme)
+    docs = (REPO / "docs" / "stages.md").read_text(encoding="utf-8")
+    found += [("docs/stages.md", text) for text in re.findall(r"accelerate launch (?:[^\n`]*\\\n)*[^\n`']*", docs)
               if "-m selfalign stage" in text]
     return found
 
 
 def test_written_commands_use_real_flags_and_files():
     commands = written_commands()
-    assert len([c for c in commands if c[0] == "README.md"]) >= 3 and len(commands) >= 6
+    assert len([c for c in commands if c[0] == "docs/stages.md"]) >= 3 and len(commands) >= 6
     for where, text in commands:
         words = shlex.split(text.replace("\\\n", " ").replace("$", "X"))
         config = words[words.index("--config_file") + 1]

@@ -1,4 +1,5 @@
-"""The package's shape: a module per concept, each named in the README, none too long, no import cycle."""
+"""The package's shape: a module per concept, each named in docs/layout.md or the README's stage table, none
+too long, no import cycle."""
 
 import ast
 import re
@@ -33,8 +34,8 @@ def imports_of(path: Path) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-def test_the_readme_names_every_module():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_the_docs_name_every_module():
+    readme = "\n".join((REPO / name).read_text(encoding="utf-8") for name in ("README.md", "docs/layout.md"))
     tables = "\n".join(line for line in readme.splitlines() if line.startswith("|"))
     for path in MODULES:
         relative = path.relative_to(REPO).as_posix()
@@ -42,7 +43,7 @@ def test_the_readme_names_every_module():
         # A row names the file by its path, or a package's row lists it by name after the first path.
         row = next((line for line in tables.splitlines() if relative in line or (
             f"`{folder}/" in line and re.search(rf"`{re.escape(path.name)}`", line))), None)
-        assert row, f"README's tables do not say where {relative} is"
+        assert row, f"neither the README's stage table nor docs/layout.md says where {relative} is"
 
 
 def test_no_module_is_over_the_size_of_one_concept():
