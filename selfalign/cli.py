@@ -375,7 +375,10 @@ def _export(args) -> int:
 
 
 def _status(args) -> int:
-    for name, manifest in Run(args.run, args.runs_dir).stages().items():
+    run = Run(args.run, args.runs_dir, create=False)  # a status writes nothing, a mistyped name least of all
+    if not run.root.is_dir():
+        raise RunError(f"no run {args.run!r} in {args.runs_dir} ({run.root} does not exist)")
+    for name, manifest in run.stages().items():
         print(f"{name:12} {manifest['status']:9} {manifest.get('failure') or manifest.get('counts')}")
     return 0
 

@@ -10,14 +10,15 @@ Each record names its schema (`"schema": "generation/1"`) and carries provenance
 generation parameters, principle-set hash, seed). This module does not know what stages compute.
 
 One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`, see `locking`) on
-`runs/<run>/.<stage>.lock` and holds it until the stage finishes or fails or the process ends,
-however it ends, so a kill -9 leaves no stale lock. A stage that ran but kept too little for the
+the stage's folder and holds it until the stage finishes or fails or the process ends, however it
+ends, so a kill -9 leaves no stale lock. A stage that ran but kept too little for the
 next one (`Stage.fail`) is marked `failed` with its counts and a one-line `failure` (`shortfall`:
 what it kept, then its drops counted by reason, `drop_reasons`); it is not finished, so the next
 stage refuses it, and a rerun resumes it as it would a running one. A restart sets the stage's files
 aside in `runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through
-`Run`, which refuses a name that is not a plain folder name (so nothing is written outside the runs
-directory).
+`Run`, which refuses a name that is not a plain folder name, and nothing in a run directory is
+followed through a symbolic link (see `links`), so nothing is written or deleted outside the runs
+directory.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 from . import __version__
+from .links import open_no_link, refuse_links
 from .locking import LockError, release_lock, take_lock
 
 FORMAT_VERSION = 1  # the layout of run directories; runs made under another one are refused
@@ -148,6 +150,7 @@ class Run:
             if (self.root / "run.json").exists():
                 _check_format(self.root / "run.json")
             return
+        refuse_links(self.root, walk=True)  # every command that writes into a run opens it here, before it writes
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -213,7 +216,8 @@ class Stage:
 
     @property
     def lock_path(self) -> Path:
-        # Beside the stage's folder, not in it: a restart renames the folder, and the lock must stay put.
+        """The file naming the process that holds the stage's lock (the lock is on the folder, see
+        `locking`). Beside the folder, not in it: a restart renames the folder."""
         return self.path.with_name(f".{self.path.name}.lock")
 
     @property
@@ -245,13 +249,15 @@ class Stage:
 
         The lock is held until `finish` or the end of the process. Under `accelerate launch` only
         the main process calls this; the others write through it."""
-        try:
-            taken = take_lock(self.lock_path, self.run, self.name)
-        except LockError as error:  # to a caller, a stage locked by another process is a run not usable now
-            raise RunError(str(error)) from error
+        # Before anything is locked or written: a stage of a long-lived Run (a notebook, `run --direct`)
+        # may have been given a link since the Run checked its directory.
+        refuse_links(self.path, start=self.path.parent, walk=True)
+        refuse_links(self.lock_path, start=self.path.parent)
+        taken = self._lock()
         try:
             if restart:
                 self._set_aside()
+                taken = self._lock()  # the lock went with the folder set aside; lock the new one
             manifest = self.manifest()
             if manifest is not None and manifest["params"] != params and self._holds_records():
                 changed = sorted(k for k in set(params) | set(manifest["params"])
@@ -263,13 +269,19 @@ class Stage:
                 )
         except BaseException:
             if taken:  # a stage that never started must not stay locked for the life of a notebook kernel
-                release_lock(self.lock_path)
+                release_lock(self.path)
             raise
         write_json_atomic(self.manifest_path, {
             "stage": self.name, "format_version": FORMAT_VERSION, "selfalign_version": __version__,
             "status": "running", "params": params,
             "started_at": manifest["started_at"] if manifest else _now(), "finished_at": None, "counts": {},
         })
+
+    def _lock(self) -> bool:
+        try:
+            return take_lock(self.path, self.lock_path, self.run, self.name)
+        except LockError as error:  # to a caller, a stage locked by another process is a run not usable now
+            raise RunError(str(error)) from None
 
     def finish(self, counts: dict) -> None:
         manifest = self.manifest()
@@ -279,7 +291,7 @@ class Stage:
         write_json_atomic(self.manifest_path, manifest)
         # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
         # by another process needs the lock too.
-        release_lock(self.lock_path)
+        release_lock(self.path)
 
     def fail(self, reason: str, counts: dict) -> StageFailed:
         """Mark the started stage `failed` with its counts and a one-line `reason`, release its lock,
@@ -289,7 +301,7 @@ class Stage:
             raise RunError(f"stage {self.name!r} was never started")
         manifest.update(status="failed", finished_at=_now(), counts=counts, failure=reason)
         write_json_atomic(self.manifest_path, manifest)
-        release_lock(self.lock_path)
+        release_lock(self.path)
         return StageFailed(self.name, reason, self.manifest_path)
 
     def _holds_records(self) -> bool:
@@ -311,7 +323,7 @@ class Stage:
             previous.unlink()
         # One rename, so a kill midway leaves the files either all here or all there.
         os.rename(self.path, previous)
-        self.path.mkdir()
+        self.path.mkdir(exist_ok=True)  # another process's Stage may create it first; then the lock refuses one of us
         detail = ", ".join(f"{name} {n}" for name, n in records.items())
         print(f"restart: moved {sum(records.values())} records of {self.name}" + (f" ({detail})" if detail else "")
               + (f" and {', '.join(folders)}" if folders else "") + f" to {previous}/", file=sys.stderr, flush=True)
@@ -349,9 +361,14 @@ class JsonlWriter:
         self.path = path
         self.schema = schema
         self.key = key
-        _cut_partial_line(path)
-        self.keys = {record[key] for record in read_jsonl(path)} if path.exists() else set()
-        self._handle = open(path, "a", encoding="utf-8")
+        fd = open_no_link(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # a linked record file is refused
+        try:
+            _cut_partial_line(fd)
+            self.keys = {record[key] for record in read_jsonl(path)}
+        except BaseException:
+            os.close(fd)
+            raise
+        self._handle = os.fdopen(fd, "a", encoding="utf-8")
 
     def __contains__(self, key) -> bool:
         return key in self.keys
@@ -383,12 +400,12 @@ class JsonlWriter:
         self.close()
 
 
-def _cut_partial_line(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
+def _cut_partial_line(fd: int) -> None:
+    if os.fstat(fd).st_size == 0:
         return
-    with open(path, "rb+") as handle:
+    with open(fd, "rb", closefd=False) as handle:  # the writer's own descriptor: no second open by name
         handle.seek(-1, os.SEEK_END)
         if handle.read(1) == b"\n":
             return
         handle.seek(0)
-        handle.truncate(handle.read().rfind(b"\n") + 1)
+        os.ftruncate(fd, handle.read().rfind(b"\n") + 1)

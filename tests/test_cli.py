@@ -63,3 +63,11 @@ def test_leave_one_out_flags_are_its_settings_fields(capsys):
     for field in dataclasses.fields(LeaveOneOutConfig):
         assert "--" + field.name.replace("_", "-") in shown
     assert "--no-loo-scores" in shown and "default: 96" in shown
+
+
+def test_status_of_a_run_that_does_not_exist_says_so_and_creates_nothing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["status", "--run", "typo", "--runs-dir", str(runs)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == f"selfalign: error: no run 'typo' in {runs} ({runs / 'typo'} does not exist)"
+    assert not runs.exists()

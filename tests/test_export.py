@@ -1,6 +1,7 @@
 """`selfalign export`: a run's files as Hugging Face datasets in TRL's formats, with a dataset card."""
 
 import json
+import os
 
 import datasets
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ from selfalign.chat_format import ChatFormat
 from selfalign.cli import main
 from selfalign.export import export_run, identity_records, open_run, preference_rows, sft_rows, verbose_rows
 from selfalign.inputs import PRINCIPLES_DIR
+from selfalign.links import LinkError
 from selfalign.principles import load_principle_set
 from selfalign.records import Run, RunError, provenance
 
@@ -202,10 +204,82 @@ def test_an_existing_out_is_refused_unless_overwrite(tmp_path):
     assert (out / "README.md").read_text() == "old"
     export_run("r", tmp_path / "runs", out, overwrite=True)
     assert (out / "README.md").read_text().startswith("---\n")
-    (out / "notes.txt").write_text("mine")  # --overwrite replaces an export, not a folder of other things
-    with pytest.raises(RunError, match=r"holds files an export does not write \(notes.txt\)"):
-        export_run("r", tmp_path / "runs", out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "runs"]  # no building folder left
+
+
+def test_overwrite_removes_only_what_an_export_wrote(tmp_path):
+    make_run(tmp_path / "runs")
+    out = tmp_path / "export"
+    export_run("r", tmp_path / "runs", out)
+    listed = json.loads((out / ".selfalign-export.json").read_text())["files"]
+    assert "data/sft.parquet" in listed and "README.md" in listed
+    mine = {"notes.txt": "mine", "data/mine.csv": "a,b\n", "sft/keep.txt": "keep", "old/mine.txt": "also mine"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
+    # What an earlier export wrote and this one does not: removed, with the folder it leaves empty.
+    (out / "stale").mkdir()
+    (out / "stale" / "old.parquet").write_text("old")
+    (out / "old" / "old.parquet").write_text("old")
+    (out / ".selfalign-export.json").write_text(json.dumps({"files": listed + ["stale/old.parquet",
+                                                                              "old/old.parquet"]}))
+    export_run("r", tmp_path / "runs", out, overwrite=True)
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert not (out / "stale").exists() and not (out / "old" / "old.parquet").exists()
+    assert len(datasets.load_from_disk(str(out / "sft"))) == 5
+    assert json.loads((out / ".selfalign-export.json").read_text())["files"] == listed
+
+
+def test_an_export_folder_has_the_usual_permissions(tmp_path):
+    make_run(tmp_path / "runs")
+    umask = os.umask(0o022)
+    try:
+        export_run("r", tmp_path / "runs", tmp_path / "export")
+    finally:
+        os.umask(umask)
+    for folder in (tmp_path / "export", tmp_path / "export" / "data", tmp_path / "export" / "sft"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder  # not mkdtemp's 0700
+
+
+@pytest.mark.parametrize("listed", [["../victim.txt"], ["/tmp/victim.txt"], ["data/../../victim.txt"], [3]])
+def test_a_hand_edited_list_never_leads_a_deletion_outside(tmp_path, listed):
+    make_run(tmp_path / "runs")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / ".selfalign-export.json").write_text(json.dumps({"files": listed}))
+    (tmp_path / "victim.txt").write_text("mine")
+    with pytest.raises(RunError, match=r"\.selfalign-export\.json lists .* which is no file inside"):
+        export_run("r", tmp_path / "runs", out, overwrite=True)
+    assert (tmp_path / "victim.txt").read_text() == "mine"
+
+
+def test_a_link_inside_out_is_refused_before_anything_is_written(tmp_path):
+    make_run(tmp_path / "runs")
+    out = tmp_path / "export"
+    export_run("r", tmp_path / "runs", out)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "sft.parquet").write_text("mine")
+    for path in (out / "data").iterdir():
+        path.unlink()
+    (out / "data").rmdir()
+    (out / "data").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LinkError, match=r"export/data is a symbolic link"):
+        export_run("r", tmp_path / "runs", out, overwrite=True)
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["sft.parquet"]
+    assert (tmp_path / "elsewhere" / "sft.parquet").read_text() == "mine"
+    assert (out / "README.md").read_text().startswith("---\n")  # the earlier export is as it was
+
+
+def test_responses_that_repeat_an_id_are_refused_naming_the_file_and_the_id(tmp_path, capsys):
+    run = make_run(tmp_path / "runs")
+    responses = run.root / "self_align" / "responses.jsonl"
+    with responses.open("a") as handle:  # what two processes on one stage wrote, before the lock held
+        handle.write(json.dumps({"schema": "response/1", **RESPONSES[1], "answer": "Another text."}) + "\n")
+    assert main(["export", "--run", "r", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "x")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"{responses} repeats the id 'rt-math-1'" in error
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_message_with_a_principle_in_it_is_refused_by_id(tmp_path):

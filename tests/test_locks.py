@@ -105,6 +105,36 @@ def test_a_holder_killed_by_sigkill_leaves_no_lock_and_the_stage_resumes(tmp_pat
     assert lock.read_text() == ""  # finish released it
 
 
+def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path, holder_script):
+    runs = tmp_path / "runs"
+    holder, _ = hold(holder_script, runs)
+    try:
+        (runs / "r" / ".self_align.lock").unlink()  # what a user cleaning up "stale" files might do
+        second = attempt(holder_script, runs, n=5)
+        assert second.returncode != 0
+        # The lock is on the stage's folder; the deleted file only named the holder.
+        assert "stage 'self_align' is being run by another process (pid unknown)" in second.stderr
+        assert ids(runs) == Counter({"p0": 1, "p1": 1, "p2": 1})
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_restarted_stage_keeps_its_lock_on_the_new_folder(tmp_path, holder_script):
+    runs = tmp_path / "runs"
+    assert attempt(holder_script, runs, n=2).returncode == 0
+    # The restart sets the locked folder aside as self_align.previous/ and works in a new one.
+    holder, _ = hold(holder_script, runs, n=3, mode="restart")
+    try:
+        second = attempt(holder_script, runs, n=5)
+        assert second.returncode != 0 and f"pid {holder.pid}" in second.stderr
+        assert ids(runs) == Counter({"p0": 1, "p1": 1, "p2": 1})
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_finish_releases_the_lock_for_the_next_process(tmp_path, holder_script):
     runs = tmp_path / "runs"
     stage = Run("r", runs).stage("self_align")

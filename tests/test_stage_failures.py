@@ -38,8 +38,8 @@ def manifest(runs, stage: str) -> dict:
 
 
 def lock_is_free(runs, stage: str) -> bool:
-    """Whether another open of the stage's lock file could take it (flock is per open file)."""
-    fd = os.open(Run("r", runs).stage(stage).lock_path, os.O_RDWR)
+    """Whether another open of the stage's folder could lock it (flock is per open file)."""
+    fd = os.open(Run("r", runs).stage(stage).path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

@@ -41,12 +41,15 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from ..links import refuse_links
     from ..records import SCHEMAS, JsonlWriter
 
     settings.check()
     if not examples:
         raise ValueError("no training examples")
     out_dir = Path(out_dir)
+    # A linked checkpoints/ would resume from elsewhere, and pruning would delete folders there.
+    refuse_links(out_dir / "checkpoints", start=out_dir, walk=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision), cpu=_no_gpu())
     main = accelerator.is_main_process
