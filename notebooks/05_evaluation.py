@@ -67,12 +67,14 @@ missing = sorted(set(config.benchmarks) - set(evaluate.available(data_dir)))
 if missing:
     print(f"No data in {data_dir} for {', '.join(missing)}, so they are skipped: `selfalign data prepare` fetches "
           "it (or takes an offline copy, `--from DIR`), then rerun this chapter.")
-    config = dataclasses.replace(config, benchmarks=tuple(b for b in config.benchmarks if b not in missing))
+# The benchmarks evaluated; the stage refuses an empty list, so with none of them here it does not run.
+benchmarks = [b for b in config.benchmarks if b not in missing]
 print("models:", ", ".join(evaluate.models_of(Run(run, runs_dir))))
 
 # %%
 loaded = load_model(model)
-manifest = evaluate.run(config, loaded=loaded) if config.benchmarks else None
+evaluated = dataclasses.replace(config, benchmarks=tuple(benchmarks)) if benchmarks else None
+manifest = evaluate.run(evaluated, loaded=loaded) if evaluated else None
 table = evaluate.comparison(run, runs_dir)
 table[~table["benchmark"].str.contains("/")].drop(columns=["note"], errors="ignore")
 
@@ -121,7 +123,7 @@ from IPython.display import display
 from selfalign import evals
 from selfalign.scoring import score_choices
 
-if "truthfulqa" in config.benchmarks:
+if "truthfulqa" in benchmarks:
     question = evals.load_truthfulqa(Path(data_dir) / "truthfulqa.csv")[0]
     templates = evals.load_templates()
     context = templates["truthfulqa_primer"] + templates["truthfulqa_question"].format(question=question.question)

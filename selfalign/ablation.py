@@ -37,7 +37,7 @@ from .models import load_model
 from .principles import PrincipleError, PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from .records import JsonlWriter, Run, RunError, Schema, read_jsonl
 from .stages import self_align
-from .stages.common import check_backend, check_ranges, settings_of
+from .stages.common import check_backend, check_ranges, check_room, settings_of
 from .triggers import SELF_INSTRUCT, principle_scores
 
 STAGE = "leave_one_out"
@@ -368,6 +368,7 @@ def run(config: LeaveOneOutConfig, loaded=None, engine=None, scorer=None):
                                    backend=config.backend, tensor_parallel_size=config.tensor_parallel_size,
                                    replicas=config.replicas, ray_address=config.ray_address)
     prompts = choose_prompts(records, config.loo_prompts)
+    check_room(sampling.model, engine or loaded, loo_max_new_tokens=config.loo_max_new_tokens)
     stage = run_dir.stage(STAGE)
     stage.start({**settings_of(sampling), "request": request_of(prompts, principle_set, sampling, config.loo_scores)},
                 restart=config.restart)

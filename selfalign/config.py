@@ -5,14 +5,20 @@ has one name, one default and one type everywhere. The fields every stage repeat
 once here: `StageSettings` (where a run lives, which model, the seed, restart),
 `ReplicaSettings` (how many model replicas generate, and on which Ray cluster) and
 `GenerationSettings` (those, batching and the backend of the stages that generate).
+
+`check_ranges` is the one check of a setting's range: each stage config calls it when it is built
+(from the command line, a profile, a notebook's parameters or Python), so a bad value stops a
+command before a model loads or a file is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
+from typing import Iterable
 
 from .models import DEFAULT_MODEL
 
@@ -71,3 +77,52 @@ def from_mapping(config_class, values: dict):
     hints = typing.get_type_hints(config_class)
     converted = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in values.items()}
     return config_class(**converted)
+
+
+SHARED_SIZES = ("batch_size", "tensor_parallel_size", "replicas")  # the sizes of the shared settings above
+
+
+def range_problems(config, non_negative: Iterable[str] = (), positive: Iterable[str] = (),
+                   probabilities: Iterable[str] = (), non_empty: Iterable[str] = ()) -> list[str]:
+    """What is out of range in a settings dataclass, one phrase a setting, naming it and its value.
+
+    Every int field must hold a whole number and every float field a finite one (`--temperature
+    inf` would be written into the records as `Infinity`), whether or not it is named. Then: counts,
+    limits and budgets in `non_negative` (where 0 keeps a meaning, such as limit 0 = all), sizes in
+    `positive` and in `SHARED_SIZES` (where the config has them), probabilities and thresholds in
+    (0, 1], and lists in `non_empty`."""
+    hints = typing.get_type_hints(type(config))
+    problems, bad = [], set()
+    for field in dataclasses.fields(config):
+        kind, value = hints[field.name], getattr(config, field.name)
+        if kind not in (int, float):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            problems.append(f"{field.name} must be a {'whole ' if kind is int else ''}number, got {value!r}")
+        elif not math.isfinite(value):
+            problems.append(f"{field.name} must be a finite number, got {value!r}")
+        else:
+            continue
+        bad.add(field.name)
+    positive = [*positive, *(name for name in SHARED_SIZES if hasattr(config, name) and name not in positive)]
+    rules = ((non_negative, lambda v: v >= 0, ">= 0"), (positive, lambda v: v > 0, "> 0"),
+             (probabilities, lambda v: 0 < v <= 1, "in (0, 1]"))
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(config, name)
+            if name in bad:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{name} must be a number, got {value!r}")
+            elif not ok(value):
+                problems.append(f"{name} must be {rule}, got {value!r}")
+    problems += [f"{name} must not be empty" for name in non_empty if not getattr(config, name)]
+    return problems
+
+
+def check_ranges(config, non_negative: Iterable[str] = (), positive: Iterable[str] = (),
+                 probabilities: Iterable[str] = (), non_empty: Iterable[str] = ()) -> None:
+    """ValueError, one line, listing `range_problems`; stage configs call it from `__post_init__`."""
+    problems = range_problems(config, non_negative, positive, probabilities, non_empty)
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -169,7 +169,11 @@ def build(config_class, values: dict, where: str = ""):
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ProfileError(f"{where or config_class.__name__}: unknown settings {unknown}")
-    return config_class(**{key: _checked(hints[key], value, f"{where} setting {key!r}") for key, value in values.items()})
+    checked = {key: _checked(hints[key], value, f"{where} setting {key!r}") for key, value in values.items()}
+    try:
+        return config_class(**checked)
+    except ValueError as error:  # a range the dataclass refuses (check_ranges): say which stage's
+        raise ProfileError(f"{where or config_class.__name__}: {error}") from None
 
 
 def _checked(kind, value, where: str):

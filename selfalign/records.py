@@ -128,8 +128,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 # No '/' and no leading '.', so a name can be neither '..', a path nor absolute: a run is always
-# one folder directly inside the runs directory.
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# one folder directly inside the runs directory. Matched whole (fullmatch): `$` alone lets a final
+# newline through.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PREVIOUS = ".previous"  # suffix of the folder a restart moves a stage's files into
 
 
@@ -141,7 +142,7 @@ class Run:
     refuses a name that would lead outside `runs_dir`."""
 
     def __init__(self, name: str, runs_dir: str | os.PathLike = "runs", create: bool = True):
-        if not isinstance(name, str) or not _RUN_NAME.match(name):
+        if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
             raise RunError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (at most 100), starting "
                            "with a letter or digit: a run is one folder inside the runs directory")
         self.name = name

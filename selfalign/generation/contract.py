@@ -49,6 +49,10 @@ class SamplingParams:
     grammar: str | None = None
 
     def __post_init__(self):
+        # A float that is not finite passes a comparison (inf >= 0) or fails it silently (nan).
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

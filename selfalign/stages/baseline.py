@@ -19,7 +19,7 @@ from ..generation import SamplingParams, engine_for
 from ..config import GenerationSettings
 from ..inputs import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
-from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
+from .common import (check_backend, check_model, check_ranges, check_resume, check_room, drop_reasons, generate_into,
                      generation_record, settings_of, shortfall, stage_one_prompts)
 
 STAGE = "baseline"
@@ -43,6 +43,7 @@ class BaselineConfig(GenerationSettings):
 
 def run(config: BaselineConfig, loaded=None) -> dict:
     """Answer the prompts; resume where an earlier run stopped. Returns the stage's manifest."""
+    check_room(config.model, loaded, max_new_tokens=config.max_new_tokens)  # before the run's folder is made
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     # Everything that can fail without generating fails here, before the manifest records settings.
@@ -56,14 +57,14 @@ def run(config: BaselineConfig, loaded=None) -> dict:
         prompts = prompts[: config.limit]
     if loaded is None:
         check_model(config.model, config.backend)
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p,
+                            max_new_tokens=config.max_new_tokens, stop=config.stop, seed=config.seed)
     source = {row["id"]: row for row in prompts}
     items = [(row["id"], config.template.format(prompt=row["prompt"])) for row in prompts]
     stored = {key: row["prompt"] for key, row in source.items()}  # the records' `prompt`: the bare one
     check_resume(stage, settings_of(config), config.restart, "answers.jsonl", items, stored)
     stage.start(settings_of(config), restart=config.restart)
 
-    params = SamplingParams(temperature=config.temperature, top_p=config.top_p,
-                            max_new_tokens=config.max_new_tokens, stop=config.stop, seed=config.seed)
     engine = engine_for(config, loaded)
     origin = provenance(config.model, params.to_dict(), config.seed)
 

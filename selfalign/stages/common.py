@@ -1,6 +1,7 @@
 """What generating stages share: answer keyed prompts, appending one record per prompt, resumably;
 the settings a manifest records; the shape of a generation record; stage tables;
-and the checks a stage makes before it starts (setting ranges, backend, model, stale records).
+and the checks a stage makes before it starts (setting ranges, from `config`; backend, model, room in the
+model's context for the new tokens, stale records).
 
 A resume skips the ids already on disk, so each generation record carries the hash of the exact
 text the model was given (`input_sha256`): an id whose text has changed since (an edited prompt
@@ -17,9 +18,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..config import check_ranges  # noqa: F401  (the stages import it from here with the other checks)
 from ..generation import BACKENDS, Completion, Engine, SamplingParams
 from ..inputs import PRINCIPLES_DIR
+from .. import tiny_models
 from ..models import check_model  # noqa: F401  (the stages import it from here with the other checks)
+from ..models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, converted_dir
 # drop_reasons and shortfall live beside StageFailed (training uses them too); the stages import them from here.
 from ..records import JsonlWriter, RunError, drop_reasons, read_jsonl, shortfall  # noqa: F401
 
@@ -150,28 +154,30 @@ def check_resume(stage, settings: dict, restart: bool, filename: str, items: Ite
     refuse_stale(path, items, on_disk(path, stage.path / drops if drops else None), prompts)
 
 
-SHARED_SIZES = ("batch_size", "tensor_parallel_size", "replicas")  # fields of config.py's shared settings
+def check_room(model: str, loaded=None, **new_tokens: int) -> None:
+    """ValueError when a setting of new tokens (`max_new_tokens=160`, by name) fills the model's
+    whole context: every prompt would be dropped as too long. The context is `loaded`'s (a loaded
+    model or an engine), else read from the model's config.json before it loads; a model with
+    nothing here to read passes (its prompts are dropped, and the stage fails, as too long)."""
+    context = loaded.context_length if loaded is not None else _context_length(model)
+    over = [f"{name}={n}" for name, n in new_tokens.items() if context is not None and n >= context]
+    if over:
+        raise ValueError(f"{' and '.join(over)} leaves no room for a prompt in the context of model {model!r} "
+                         f"({context} tokens); ask for fewer new tokens")
 
 
-def check_ranges(config, non_negative: Iterable[str] = (), positive: Iterable[str] = (),
-                 probabilities: Iterable[str] = ()) -> None:
-    """ValueError naming each field out of range, with its value: counts, limits and budgets in
-    `non_negative` (where 0 keeps a meaning, such as limit 0 = all), sizes in `positive` and in
-    `SHARED_SIZES` (where the config has them), and probabilities such as top_p in (0, 1]. Stage
-    configs call it from `__post_init__`, so a bad value stops a command before it writes anything."""
-    positive = [*positive, *(name for name in SHARED_SIZES if hasattr(config, name) and name not in positive)]
-    rules = ((non_negative, lambda v: v >= 0, ">= 0"), (positive, lambda v: v > 0, "> 0"),
-             (probabilities, lambda v: 0 < v <= 1, "in (0, 1]"))
-    problems = []
-    for names, ok, rule in rules:
-        for name in names:
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"{name} must be a number, got {value!r}")
-            elif not ok(value):
-                problems.append(f"{name} must be {rule}, got {value!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
+def _context_length(model: str) -> int | None:
+    """A model's context as `LoadedModel.context_length` reads it, from config.json alone; None where
+    there is none here to read (a hub id, an unprepared model, a config.json `check_model` refuses)."""
+    if model == TINY_RANDOM:
+        return tiny_models.RANDOM_CONTEXT
+    folder = converted_dir(model) if model == TINY_LLAMA or model in KNOWN_MODELS else Path(model).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    positions = config.get("max_position_embeddings", 2048) if isinstance(config, dict) else None
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) else None
 
 
 def check_backend(name: str) -> None:

@@ -45,7 +45,7 @@ class EngraveConfig(TrainSettings, StageSettings):  # this order puts run, model
     allow_incomplete: bool = False  # train on an unfinished stage 2's responses instead of stopping
 
     def __post_init__(self):
-        # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
+        TrainSettings.check(self)  # the LoRA and optimiser fields; these are the stage's own:
         check_ranges(self, non_negative=("min_examples",))
         if not 0 <= self.holdout < 1:  # a share, and 1 would leave nothing to train on
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout!r}")
@@ -93,7 +93,7 @@ def run(config: EngraveConfig, loaded=None) -> dict:
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     chat = ChatFormat.load(config.template)
-    TrainSettings.check(config)
+    config.accumulation_steps(state.num_processes)  # a total_batch_size these processes cannot make
     rows, source, generated_as = responses_of(run_dir, config.responses, config.allow_incomplete)
     records = [{"id": r["id"], "prompt": r["prompt"], "answer": rename(r["answer"], generated_as, chat.assistant)}
                for r in rows]

@@ -41,7 +41,8 @@ from ..models import load_model
 from ..records import Run, RunError, provenance
 from ..scoring import ModelScorer
 from ..training import adapted_for_generation, adapter_info, adapters_for_generation
-from .common import check_model, check_ranges, check_resume, generate_into, generation_record, settings_of
+from .common import (check_model, check_ranges, check_resume, check_room, generate_into, generation_record,
+                     settings_of)
 
 STAGE = "evaluate"
 BENCHMARKS = ("truthfulqa", "hhh", "vicuna")
@@ -64,7 +65,10 @@ class EvaluateConfig(ReplicaSettings, StageSettings):  # replicas: the Vicuna an
 
     def __post_init__(self):
         check_ranges(self, non_negative=("limit", "vicuna_limit"),
-                     positive=("max_new_tokens", "max_batch_tokens"))
+                     positive=("max_new_tokens", "max_batch_tokens"), non_empty=("benchmarks",))
+        unknown = set(self.benchmarks) - set(BENCHMARKS)
+        if unknown:
+            raise ValueError(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
 
 
 def models_of(run_dir: Run) -> dict[str, Path | None]:
@@ -86,9 +90,8 @@ def sample(items: list, limit: int, seed: int) -> list:
 
 
 def run(config: EvaluateConfig, loaded=None) -> dict:
-    unknown = set(config.benchmarks) - set(BENCHMARKS)
-    if unknown:
-        raise ValueError(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if "vicuna" in config.benchmarks:  # the one benchmark that generates; before the run's folder is made
+        check_room(config.model, loaded, max_new_tokens=config.max_new_tokens)
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     models = models_of(run_dir)
@@ -105,6 +108,9 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
     if "vicuna" in config.benchmarks:
         check_resume(stage, settings, config.restart, "calls.jsonl",
                      [item for label in models for item in _vicuna_items(label, data, chat)], drops=None)
+    judging = "vicuna" in config.benchmarks and len(models) > 1
+    # A judge that does not load must fail before the manifest records it, not after the scores.
+    judge = load_model(config.judge) if judging and config.judge else None
     stage.start(settings, restart=config.restart)
     loaded = loaded or load_model(config.model)
 
@@ -133,8 +139,8 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
         if together:
             answers = _answer(stage, models, data["vicuna"], chat, config,
                               lambda: _engine_with_adapters(loaded, models, config), mixed=True)
-        if "vicuna" in config.benchmarks and len(models) > 1:
-            judge = load_model(config.judge) if config.judge else loaded
+        if judging:
+            judge = judge or loaded
             for label in [m for m in models if m != "base"]:
                 if f"{label}:vicuna" in done:
                     continue

@@ -39,8 +39,8 @@ from ..public_data import seeds_path
 from ..records import Run, provenance
 from ..red_team import (clean_topic, example_pairs, filter_reason, hint_line, load_red_team_types, load_templates,
                         normal_form, numbered_list, parse_mixed, parse_numbered_list, plan_line)
-from .common import (check_backend, check_model, check_ranges, drop_reasons, generate_into, generation_record,
-                     settings_of, shortfall, stage_frames)
+from .common import (check_backend, check_model, check_ranges, check_room, drop_reasons, generate_into,
+                     generation_record, settings_of, shortfall, stage_frames)
 
 STAGE = "prompts"
 SCHEMES = ("topic", "mixed")  # how red-team questions are requested (PromptsConfig.red_team_scheme)
@@ -87,12 +87,12 @@ class PromptsConfig(GenerationSettings):
         # 0 keeps a meaning where it is allowed: types_limit and topics_shown 0 mean all, and a
         # count of 0 asks for none of that kind.
         check_ranges(self, non_negative=("n_self_instruct", "k_seeds", "k_generated", "types_limit", "topics_per_type",
-                                         "topics_shown", "n_per_topic", "max_rounds", "rouge_threshold", "min_words",
-                                         "max_words", "temperature"),
+                                         "topics_shown", "n_per_topic", "max_rounds", "min_words", "max_words",
+                                         "temperature"),
                      positive=("calls_per_round", "topic_max_words", "brainstorm_calls", "k_seed_questions",
                                "questions_per_request", "list_max_new_tokens", "topic_max_new_tokens",
                                "question_max_new_tokens"),
-                     probabilities=("list_top_p", "question_top_p"))
+                     probabilities=("list_top_p", "question_top_p", "rouge_threshold"))
         check_backend(self.backend)
 
 
@@ -101,6 +101,11 @@ def run(config: PromptsConfig, loaded=None, engine: Engine | None = None) -> dic
 
     `loaded` reuses a loaded model; `engine` replaces the model altogether (tests use a scripted one).
     """
+    # Before the run's folder is made. A mixed request asks for one question's budget per hint.
+    per_request = config.questions_per_request if config.red_team_scheme == "mixed" else 1
+    check_room(config.model, engine or loaded, list_max_new_tokens=config.list_max_new_tokens,
+               topic_max_new_tokens=config.topic_max_new_tokens,
+               question_max_new_tokens=config.question_max_new_tokens * per_request)
     stage = Run(config.run, config.runs_dir).stage(STAGE)
     # Everything that can fail without generating fails here, before the manifest records settings.
     seeds = _usable_seeds(config)

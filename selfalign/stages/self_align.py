@@ -42,7 +42,7 @@ from ..inputs import PRINCIPLES_DIR, load_prompts
 from ..records import Run, provenance
 from ..scoring import ModelScorer
 from ..triggers import format_grammar, principle_scores
-from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
+from .common import (check_backend, check_model, check_ranges, check_resume, check_room, drop_reasons, generate_into,
                      generation_record, settings_of, shortfall, stage_frames, stage_one_prompts)
 
 STAGE = "self_align"
@@ -124,6 +124,7 @@ def sampling(config, principle_set: PrincipleSet) -> SamplingParams:
 def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scorer=None) -> dict:
     """Answer the prompts under the principles; resume where an earlier run stopped. `scorer` (a
     `selfalign.scoring` scorer) computes principle_scores; by default the engine's model does."""
+    check_room(config.model, engine or loaded, max_new_tokens=config.max_new_tokens)  # before the run's folder is made
     run_dir = Run(config.run, config.runs_dir)
     stage = run_dir.stage(STAGE)
     # Everything that can fail without generating fails here, before the manifest records settings.

@@ -31,7 +31,7 @@ from ..inputs import PRINCIPLES_DIR
 from ..records import Run, RunError, StageFailed, provenance
 from ..training import (TrainSettings, adapted_for_generation, adapter_info, fit_and_compare, load_for_training,
                         process_state, train_settings)
-from .common import (check_backend, check_model, check_ranges, check_resume, drop_reasons, generate_into,
+from .common import (check_backend, check_model, check_ranges, check_resume, check_room, drop_reasons, generate_into,
                      generation_record, principle_texts, settings_of, shortfall)
 
 STAGE = "verbose"
@@ -54,7 +54,7 @@ class VerboseConfig(TrainSettings, GenerationSettings):  # this order puts run, 
     #                     training under `accelerate launch`, which then finds them done)
 
     def __post_init__(self):
-        # The LoRA and optimiser fields are TrainSettings.check's; these are the stage's own.
+        TrainSettings.check(self)  # the LoRA and optimiser fields; these are the stage's own:
         check_ranges(self, non_negative=("limit", "temperature", "no_repeat_ngram_size", "min_examples"),
                      positive=("max_new_tokens", "repetition_penalty"),
                      probabilities=("top_p",))
@@ -70,6 +70,7 @@ def cut_to_sentence(text: str) -> str:
 
 
 def run(config: VerboseConfig, loaded=None) -> dict:
+    check_room(config.model, loaded, max_new_tokens=config.max_new_tokens)  # before the run's folder is made
     state = process_state()
     run_dir = Run(config.run, config.runs_dir)
     engraved = run_dir.stage("engrave")
@@ -78,7 +79,8 @@ def run(config: VerboseConfig, loaded=None) -> dict:
     stage = run_dir.stage(STAGE)
     chat = ChatFormat.load(engraved.manifest()["params"]["template"])
     instruction = read_instruction(config.instruction)
-    TrainSettings.check(config)
+    if config.train:
+        config.accumulation_steps(state.num_processes)  # a total_batch_size these processes cannot make
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                             stop=(chat.stop,), seed=config.seed, repetition_penalty=config.repetition_penalty,
                             no_repeat_ngram_size=config.no_repeat_ngram_size)

@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from ..config import range_problems
 from ..models import LoadedModel
 
 
@@ -43,28 +44,24 @@ class TrainSettings:
     allow_pickle: bool = False  # resume from a checkpoint of torch pickles (FSDP's, older ones): they can run code
 
     def check(self) -> None:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"rank must be >= 1, got {self.rank}")
-        if self.lora_alpha <= 0:
-            problems.append(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
+        """ValueError, one line, naming every setting out of range (`config.range_problems`, and
+        the bounds of these settings alone). The stages that train call it when their config is built."""
+        problems = range_problems(self, non_negative=("warmup_steps", "total_batch_size", "weight_decay"),
+                                  positive=("rank", "lora_alpha", "epochs", "micro_batch_size", "grad_accum",
+                                            "checkpoint_every", "keep_checkpoints", "max_grad_norm"),
+                                  non_empty=("target_modules",))
+
+        def finite(value) -> bool:  # else range_problems named it
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if finite(self.lora_dropout) and not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 < self.learning_rate <= 0.1:
+        if finite(self.learning_rate) and not 0 < self.learning_rate <= 0.1:
             problems.append(f"learning_rate {self.learning_rate} makes no sense for LoRA (use e.g. 1e-4 to 1e-3)")
-        for name in ("epochs", "micro_batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.total_batch_size < 0:
-            problems.append(f"total_batch_size must be >= 0 (0: micro_batch_size x grad_accum), got {self.total_batch_size}")
+        if finite(self.cutoff) and self.cutoff < 16:
+            problems.append(f"cutoff must be at least 16 tokens, got {self.cutoff}")
         if self.overlong not in ("drop", "truncate"):
             problems.append(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.cutoff < 16:
-            problems.append(f"cutoff must be at least 16 tokens, got {self.cutoff}")
-        if not self.target_modules:
-            problems.append("target_modules is empty")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.quantize not in ("", "4bit", "8bit"):
