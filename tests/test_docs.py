@@ -49,3 +49,9 @@ def test_anchors_follow_githubs_rule():
     page = REPO / "docs" / "generation.md"
     assert "generation-on-several-replicas-ray" in anchors(page)
     assert "the-papers-settings" in anchors(REPO / "README.md")
+
+
+def test_every_benchmark_is_in_the_table():
+    table = (REPO / "docs" / "testing.md").read_text(encoding="utf-8")
+    missing = [p.name for p in (REPO / "benchmarks").glob("*.py") if f"`benchmarks/{p.name}`" not in table]
+    assert not missing, f"docs/testing.md's benchmark table lacks {missing}"
