@@ -216,7 +216,7 @@ def _chat(args) -> int:
     from .chat_format import ChatFormat
     from .training import adapter_info, apply_adapter, generation_model
 
-    adapter = adapter_path(Run(args.run, args.runs_dir).root / args.stage)  # .stage() would create the folder
+    adapter = adapter_path(Run(args.run, args.runs_dir, create=False).root / args.stage)  # a chat writes nothing in the run
     info = adapter_info(adapter) if adapter.exists() else None
     if not info:
         raise RunError(f"no {args.stage} adapter made by selfalign in {adapter}; run `selfalign stage {args.stage} "

@@ -71,3 +71,10 @@ def test_status_of_a_run_that_does_not_exist_says_so_and_creates_nothing(tmp_pat
     error = capsys.readouterr().err.strip()
     assert error == f"selfalign: error: no run 'typo' in {runs} ({runs / 'typo'} does not exist)"
     assert not runs.exists()
+
+
+def test_chat_with_a_run_that_does_not_exist_creates_nothing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["chat", "--run", "typo", "--runs-dir", str(runs)]) == 1
+    assert "no verbose adapter made by selfalign" in capsys.readouterr().err
+    assert not runs.exists()
