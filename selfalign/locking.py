@@ -22,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .untrusted import json_loads
+
 try:
     import fcntl
 except ImportError:  # Windows: stages run unlocked (see take_lock)
@@ -94,7 +96,7 @@ def _read_holder(fd: int) -> dict | None:
     # The holder writes its pid just after it takes the lock: give it a moment.
     for _ in range(20):
         try:
-            holder = json.loads(os.pread(fd, 4096, 0))
+            holder = json_loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             if isinstance(holder, dict):
                 return holder
         except (OSError, ValueError):
