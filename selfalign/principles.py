@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .inputs import PRINCIPLES_DIR, check_templates, describe, read_yaml
+from .untrusted import shorten
 
 _CITED = re.compile(r"(\d+)\s*\(([^()\n]{1,60})\)")  # "7 (Candor)"
 _RULE_LIST = re.compile(r"\brules?\s+((?:\d+(?:\s*\([^()\n]{0,60}\))?(?:\s*(?:,|and|&)\s*)?)+)", re.IGNORECASE)
@@ -129,7 +130,7 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
         if not row.get("name", "").strip() or not row.get("text", "").strip():
             raise PrincipleError(f"{where}: empty name or text")
         if _normal(row["name"]) in names:  # citations are read by name as well as by number
-            raise PrincipleError(f"{where}: name {row['name']!r} is used twice")
+            raise PrincipleError(f"{where}: name {shorten(row['name'])!r} is used twice")
         seen.add(row["number"])
         names.add(_normal(row["name"]))
         parsed.append(Principle(row["number"], row["name"].strip(), " ".join(row["text"].split())))
@@ -156,7 +157,7 @@ def load_principle_set(principles: str | Path = PRINCIPLES_DIR / "principles.yam
         if missing:
             raise PrincipleError(f"{where}: empty {', '.join(missing)}")
         if row["id"] in ids:
-            raise PrincipleError(f"{where}: id {row['id']!r} is used twice")
+            raise PrincipleError(f"{where}: id {shorten(row['id'])!r} is used twice")
         ids.add(row["id"])
         thoughts = " ".join(row["thoughts"].split())
         sentence = _RULES_SENTENCE.search(thoughts)
@@ -196,7 +197,7 @@ def _entries(path, key: str, entry: str, fields: tuple[str, ...]) -> list[tuple[
         if not isinstance(row, dict):
             raise PrincipleError(f"{path}: {entry} #{index} must be a mapping of {', '.join(fields)}, "
                                  f"got {describe(row)}")
-        where = f"{path}: {entry} #{index} ({row.get('name', row.get('id', '?'))})"
+        where = f"{path}: {entry} #{index} ({shorten(row.get('name', row.get('id', '?')))})"
         unknown = sorted(map(str, set(row) - set(fields)))
         if unknown:
             raise PrincipleError(f"{where}: unknown field(s) {', '.join(unknown)}; the fields are {', '.join(fields)}")

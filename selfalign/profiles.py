@@ -28,6 +28,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
+from .untrusted import one_line, yaml_load
 from .stages import baseline, engrave, evaluate, prompts, self_align, verbose
 
 # Stages in pipeline order: CLI name -> (settings dataclass, run function).
@@ -81,9 +82,9 @@ def load_profile(name: str, _extending: tuple[Path, ...] = ()) -> dict:
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no profile {name!r}: choose one of {known} or give a YAML file")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml_load(path.read_text(encoding="utf-8"), path.name) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as problem:
-        raise ProfileError(f"{path}: not valid YAML ({problem})") from None
+        raise ProfileError(f"{path}: not valid YAML ({one_line(problem)})") from None
     if not isinstance(values, dict):
         raise ProfileError(f"{path}: expected a mapping of stage names to settings")
     base = values.pop("extends", None)

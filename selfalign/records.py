@@ -6,15 +6,18 @@ plus JSONL files of records. A record is one JSON object on one line, written wi
 last line; the next writer cuts that line off and skips every key already present, so a rerun
 resumes without duplicates.
 
-Each record names its schema (`"schema": "generation/1"`) and carries provenance (model,
-generation parameters, principle-set hash, seed). This module does not know what stages compute.
+Each record names its schema (`"schema": "generation/1"`, see `schemas`) and carries provenance
+(model, generation parameters, principle-set hash, seed); reading checks a record against its schema
+again, and a manifest's shape, since either may have been edited by hand. This module does not know
+what stages compute.
 
 One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`, see `locking`) on
 the stage's folder and holds it until the stage finishes or fails or the process ends, however it
 ends, so a kill -9 leaves no stale lock. A stage that ran but kept too little for the
 next one (`Stage.fail`) is marked `failed` with its counts and a one-line `failure` (`shortfall`:
 what it kept, then its drops counted by reason, `drop_reasons`); it is not finished, so the next
-stage refuses it, and a rerun resumes it as it would a running one. A restart sets the stage's files
+stage refuses it, and a rerun resumes it as it would a running one; a command stopped by an error
+marks the stages it started `failed` the same way (`abandon`, with the error's line). A restart sets the stage's files
 aside in `runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through
 `Run`, which refuses a name that is not a plain folder name, and nothing in a run directory is
 followed through a symbolic link (see `links`), so nothing is written or deleted outside the runs
@@ -29,7 +32,6 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
 from typing import Iterable, Iterator
@@ -37,6 +39,8 @@ from typing import Iterable, Iterator
 from . import __version__
 from .links import open_no_link, refuse_links
 from .locking import LockError, release_lock, take_lock
+from .schemas import SCHEMAS, Schema, check_type, provenance  # noqa: F401  (Schema, provenance: read from here)
+from .untrusted import json_loads, quote
 
 FORMAT_VERSION = 1  # the layout of run directories; runs made under another one are refused
 
@@ -66,55 +70,6 @@ def shortfall(kept: str, reasons: dict[str, int]) -> str:
     return f"{kept}; drops: {drops or 'none'}"
 
 
-@dataclass(frozen=True)
-class Schema:
-    name: str
-    version: int
-    fields: dict  # required field -> type or tuple of types
-
-    @property
-    def tag(self) -> str:
-        return f"{self.name}/{self.version}"
-
-    def validate(self, record: dict) -> None:
-        for key, kind in self.fields.items():
-            if key not in record:
-                raise ValueError(f"{self.tag} record lacks field {key!r}: {_short(record)}")
-            if not isinstance(record[key], kind):
-                raise ValueError(f"{self.tag} record field {key!r} should be {kind}, got "
-                                 f"{type(record[key]).__name__}: {_short(record)}")
-
-
-SCHEMAS = {
-    s.tag: s
-    for s in [
-        Schema("generation", 1, {"id": str, "prompt": str, "completion": str, "finish_reason": str,
-                                 "prompt_tokens": int, "completion_tokens": int, "provenance": dict}),
-        Schema("drop", 1, {"id": str, "reason": str}),
-        Schema("prompt", 1, {"id": str, "prompt": str, "source": str, "seeds": list, "provenance": dict}),
-        Schema("topic", 1, {"id": str, "type": str, "topic": str}),
-        Schema("response", 1, {"id": str, "prompt": str, "thoughts": str, "answer": str, "triggers": list,
-                               "provenance": dict}),
-        Schema("train_step", 1, {"step": int, "loss": float, "learning_rate": float, "tokens": int}),
-        Schema("sft_example", 1, {"id": str, "prompt": str, "answer": str, "split": str}),
-        Schema("comparison", 1, {"id": str, "base_logprob": float, "adapted_logprob": float}),
-        Schema("eval_item", 1, {"id": str, "benchmark": str, "model": str, "scores": dict}),
-        Schema("eval_summary", 1, {"id": str, "benchmark": str, "metric": str, "model": str, "value": (float, int),
-                                   "n": int}),
-        Schema("answer", 1, {"id": str, "prompt": str, "answer": str, "provenance": dict}),
-    ]
-}
-
-
-def provenance(model: str, generation: dict, seed: int, principles_hash: str | None = None) -> dict:
-    return {"model": model, "generation": generation, "principles_hash": principles_hash, "seed": seed}
-
-
-def _short(record: dict) -> str:
-    text = json.dumps(record, ensure_ascii=False)
-    return text if len(text) < 200 else text[:200] + "..."
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -123,8 +78,17 @@ def write_json_atomic(path: Path, data: dict) -> None:
     # Write then rename, so a reader never sees half a manifest. The name is per process: processes
     # under `accelerate launch` create the same run directory at the same moment.
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    try:
+        partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    except OSError as error:  # a full disk fails the write, whose error names no file
+        raise named(error, partial) from None
     os.replace(partial, path)
+
+
+def named(error: OSError, path) -> OSError:
+    """The OSError naming `path` where it names no file (a write on a full disk), for one line
+    that says which file; as it was where it names one."""
+    return error if error.filename else OSError(error.errno, error.strerror or str(error), str(path))
 
 
 # No '/' and no leading '.', so a name can be neither '..', a path nor absolute: a run is always
@@ -179,19 +143,26 @@ class Run:
 
 def _read_manifest(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RunError(f"{path} is unreadable ({error}); rerun the stage with --restart") from None
     if not isinstance(data, dict):
         raise RunError(f"{path}: expected a JSON object, a stage manifest")
+    # A manifest edited by hand: every reader relies on these two.
+    if data.get("status") not in ("running", "finished", "failed") or not isinstance(data.get("params"), dict):
+        found = f"status {quote(data.get('status'))}, params {quote(data.get('params'))}"
+        raise RunError(f"{path}: a stage manifest needs a 'status' (running, finished or failed) and 'params' (an "
+                       f"object), found {found}; rerun the stage with --restart")
     return data
 
 
 def _check_format(path: Path) -> None:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunError(f"{path} is unreadable ({error}); is this a selfalign run directory?") from error
+        data = json_loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is unreadable ({error}); is this a selfalign run directory?") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object holding 'format_version'; is this a selfalign run directory?")
     found = data.get("format_version")
     if found != FORMAT_VERSION:
         raise RunError(
@@ -275,8 +246,10 @@ class Stage:
         write_json_atomic(self.manifest_path, {
             "stage": self.name, "format_version": FORMAT_VERSION, "selfalign_version": __version__,
             "status": "running", "params": params,
-            "started_at": manifest["started_at"] if manifest else _now(), "finished_at": None, "counts": {},
+            "started_at": manifest.get("started_at", _now()) if manifest else _now(), "finished_at": None,
+            "counts": {},
         })
+        _STARTED[self.manifest_path] = self
 
     def _lock(self) -> bool:
         try:
@@ -290,6 +263,7 @@ class Stage:
             raise RunError(f"stage {self.name!r} was never started")
         manifest.update(status="finished", finished_at=_now(), counts=counts)
         write_json_atomic(self.manifest_path, manifest)
+        _STARTED.pop(self.manifest_path, None)
         # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
         # by another process needs the lock too.
         release_lock(self.path)
@@ -301,6 +275,7 @@ class Stage:
         if manifest is None:
             raise RunError(f"stage {self.name!r} was never started")
         manifest.update(status="failed", finished_at=_now(), counts=counts, failure=reason)
+        _STARTED.pop(self.manifest_path, None)
         write_json_atomic(self.manifest_path, manifest)
         release_lock(self.path)
         return StageFailed(self.name, reason, self.manifest_path)
@@ -332,8 +307,25 @@ class Stage:
     def writer(self, filename: str, schema: str, key: str = "id") -> "JsonlWriter":
         return JsonlWriter(self.path / filename, SCHEMAS[schema], key)
 
-    def read(self, filename: str) -> list[dict]:
-        return list(read_jsonl(self.path / filename))
+    def read(self, filename: str, **checks) -> list[dict]:
+        """The file's records; `checks` as for `read_jsonl` (fields, unique)."""
+        return list(read_jsonl(self.path / filename, **checks))
+
+
+_STARTED: dict[Path, Stage] = {}  # stages this process started and has not finished or failed
+
+
+def abandon(reason: str) -> None:
+    """Mark each stage this process started and has not ended `failed`, with `reason` (one line),
+    and release its lock: a command stopped by an error (a full disk, weights that will not load)
+    must not leave a manifest that says `running`. Best effort: where the manifest cannot be written
+    either (the disk is full) it stays as it was; a rerun resumes a running or a failed stage alike."""
+    for stage in list(_STARTED.values()):
+        try:
+            stage.fail(reason, (stage.manifest() or {}).get("counts") or {})
+        except (OSError, RunError):
+            release_lock(stage.lock_path)
+    _STARTED.clear()
 
 
 def _count_lines(path: Path) -> int:
@@ -342,17 +334,40 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.endswith(b"\n") and line.strip())
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Records of a JSONL file; a partial last line (from a killed writer) is ignored."""
+def read_jsonl(path: str | os.PathLike, fields: dict | None = None, unique: str | None = None) -> Iterator[dict]:
+    """Records of a JSONL file; a partial last line (from a killed writer) is ignored. Each line
+    must be a JSON object, one that names its schema must fit it, and each must hold `fields`
+    ({name: type}) and no `unique` value twice, for a caller that relies on them (a file may have
+    been edited by hand): RunError naming the file and line otherwise."""
+    seen: dict = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.endswith("\n"):
                 return  # the record in flight when a writer was killed
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    record = json_loads(line)
                 except json.JSONDecodeError as error:
-                    raise RunError(f"{path}:{number} is not valid JSON: {error}") from error
+                    raise RunError(f"{path}:{number} is not valid JSON: {error}") from None
+                if not isinstance(record, dict):
+                    raise RunError(f"{path}:{number}: expected a JSON object, a record; got {quote(record)}")
+                schema = SCHEMAS.get(record.get("schema")) if isinstance(record.get("schema"), str) else None
+                try:
+                    if schema is not None:
+                        schema.validate(record)
+                    for key, kind in (fields or {}).items():
+                        if key not in record:
+                            raise ValueError(f"the record has no {key!r}")
+                        check_type(f"its {key!r}", record[key], kind)
+                except ValueError as error:
+                    raise RunError(f"{path}:{number}: {error}") from None
+                if unique is not None:
+                    if record.get(unique) in seen:
+                        raise RunError(f"{path}:{number}: {unique} {quote(record[unique])} is used twice (line "
+                                       f"{seen[record[unique]]} too): the file is damaged (two processes writing "
+                                       "one stage, or an edit); rerun the stage that wrote it with --restart")
+                    seen[record[unique]] = number
+                yield record
 
 
 class JsonlWriter:
@@ -383,8 +398,11 @@ class JsonlWriter:
         self.schema.validate(record)
         if record[self.key] in self.keys:
             return False
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._handle.flush()
+        except OSError as error:  # a full disk: the write's error names no file
+            raise named(error, self.path) from None
         self.keys.add(record[self.key])
         return True
 

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inputs import PromptFileError, check_templates, read_yaml
+from .inputs import PromptFileError, check_templates, describe, read_yaml
+from .untrusted import shorten
 
 # Self-Instruct's own list of words that mark a task a text model cannot do.
 NON_TEXT_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -42,15 +43,27 @@ class RedTeamType:
 
 def load_red_team_types(path: str | Path) -> list[RedTeamType]:
     entries = read_yaml(path).get("types")
-    if not entries:
-        raise PromptFileError(f"{path}: expected a top-level 'types:' list")
+    if not entries or not isinstance(entries, list):
+        raise PromptFileError(f"{path}: expected a top-level 'types:' list of entries, got {describe(entries)}")
     types, seen = [], set()
+    texts, lists = ("id", "name", "description"), ("seed_topics", "seed_questions")
     for number, entry in enumerate(entries, 1):
-        missing = [k for k in ("id", "name", "description", "seed_topics", "seed_questions") if not entry.get(k)]
+        if not isinstance(entry, dict):
+            raise PromptFileError(f"{path}: type #{number} must be a mapping of {', '.join(texts + lists)}, "
+                                  f"got {describe(entry)}")
+        where = f"{path}: type #{number} ({shorten(entry.get('id', '?'))})"
+        missing = [k for k in texts + lists if not entry.get(k)]
         if missing:
-            raise PromptFileError(f"{path}: type #{number} ({entry.get('id', '?')}) lacks {', '.join(missing)}")
+            raise PromptFileError(f"{where} lacks {', '.join(missing)}")
+        for key in texts:
+            if not isinstance(entry[key], str):
+                raise PromptFileError(f"{where}: '{key}' must be a text, got {describe(entry[key])}")
+        for key in lists:
+            if not isinstance(entry[key], list) or not all(isinstance(v, str) and v.strip() for v in entry[key]):
+                raise PromptFileError(f"{where}: '{key}' must be a list of non-empty texts, got "
+                                      f"{describe(entry[key])}")
         if entry["id"] in seen:
-            raise PromptFileError(f"{path}: type id {entry['id']!r} appears twice")
+            raise PromptFileError(f"{path}: type id {shorten(entry['id'])!r} appears twice")
         seen.add(entry["id"])
         types.append(RedTeamType(entry["id"], entry["name"], entry["description"],
                                  tuple(entry["seed_topics"]), tuple(entry["seed_questions"])))

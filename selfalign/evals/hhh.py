@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..inputs import describe, read_text
+from ..untrusted import json_loads
 from ..scoring import as_scorer
 from .data import EvalDataError, data_dir
 from .results import EvalResult, _name, _result
@@ -45,7 +46,7 @@ def load_hhh(directory: str | Path | None = None, subsets: Sequence[str] = HHH_S
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; it is BIG-bench's hhh_alignment/{subset}/task.json")
         try:
-            data = json.loads(read_text(path, EvalDataError))
+            data = json_loads(read_text(path, EvalDataError))
         except json.JSONDecodeError as error:
             raise EvalDataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
         rows = data.get("examples") if isinstance(data, dict) else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..inputs import read_text
+from ..untrusted import json_loads, shorten
 from ..scoring import as_scorer
 from .data import EvalDataError, data_dir
 from .results import EvalResult, _name, _result
@@ -30,12 +31,12 @@ def load_vicuna_questions(path: str | Path | None = None) -> list[dict]:
     path = Path(path) if path else data_dir() / "vicuna_questions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; `selfalign data prepare` fetches FastChat's Vicuna questions")
-    questions = []
+    questions, seen = [], {}
     for number, line in enumerate(read_text(path, EvalDataError).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_loads(line)
         except json.JSONDecodeError as error:
             raise EvalDataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         turns = row.get("turns") if isinstance(row, dict) else None
@@ -43,6 +44,12 @@ def load_vicuna_questions(path: str | Path | None = None) -> list[dict]:
                 and isinstance(row.get("question_id"), (int, str))):
             raise EvalDataError(f"{path}:{number}: expected an object with a 'question_id' and 'turns', a "
                                 "non-empty list of texts (FastChat's question.jsonl)")
+        # Answers are keyed by the id (as text): a repeated one would be answered once, judged twice.
+        key = str(row["question_id"])
+        if key in seen:
+            raise EvalDataError(f"{path}:{number}: question_id {shorten(key)} is used twice (line {seen[key]} "
+                                "too); each question needs its own id")
+        seen[key] = number
         questions.append({**row, "question": "\n\n".join(turns)})
     if not questions:
         raise EvalDataError(f"{path} holds no questions")

@@ -147,8 +147,10 @@ def check_resume(stage, settings: dict, restart: bool, filename: str, items: Ite
     """`refuse_stale` on what the stage's files hold, for a stage to call before it starts, so that a
     refused resume leaves the manifest (a finished stage stays finished) as it was. Skipped on a
     restart, and where the manifest has other settings: `Stage.start` refuses those by name."""
+    if restart:  # before reading the manifest: a damaged one is what --restart sets aside
+        return
     manifest = stage.manifest()
-    if restart or (manifest is not None and manifest["params"] != settings):
+    if manifest is not None and manifest["params"] != settings:
         return
     path = stage.path / filename
     refuse_stale(path, items, on_disk(path, stage.path / drops if drops else None), prompts)

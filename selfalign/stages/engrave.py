@@ -33,6 +33,7 @@ from ..training import (TrainSettings, fit_and_compare, load_for_training, load_
 from .common import check_model, check_ranges, principle_texts, settings_of
 
 STAGE = "engrave"
+RESPONSE_FIELDS = {"id": str, "prompt": str, "answer": str}  # what a response record must hold to train on
 
 
 @dataclass
@@ -58,13 +59,13 @@ def responses_of(run_dir: Run, path: str, allow_incomplete: bool) -> tuple[list[
         file = Path(path)
         if not file.is_file():
             raise RunError(f"response file {file} does not exist")
-        return list(read_jsonl(file)), file, ""
+        return list(read_jsonl(file, RESPONSE_FIELDS, unique="id")), file, ""
     stage = run_dir.stage("self_align")
     file = stage.path / "responses.jsonl"
     manifest = stage.manifest()
     if manifest is None or not file.exists():
         raise RunError(f"run {run_dir.name!r} has no stage-2 responses ({file}); run stage 2 (self-align) first")
-    rows = list(read_jsonl(file))
+    rows = list(read_jsonl(file, RESPONSE_FIELDS, unique="id"))
     if manifest["status"] == "failed" and not allow_incomplete:
         raise RunError(f"stage 2 of run {run_dir.name!r} failed: {manifest.get('failure')}; rerun it with other "
                        f"settings (--restart), or pass allow_incomplete to train on its {len(rows)} responses")

@@ -122,7 +122,7 @@ def run(config: VerboseConfig, loaded=None) -> dict:
         return stage.manifest()
     loaded = load_for_training(config.model, train_settings(config), loaded)
 
-    answers = stage.read("answers.jsonl")
+    answers = stage.read("answers.jsonl", unique="id")
     counts = fit_and_compare(stage, loaded, answers, chat, config, holdout & {a["id"] for a in answers},
                              {"stage": STAGE, "teacher_sha256": adapter_hash, "chat_format": chat.to_dict(),
                               "instruction": instruction,

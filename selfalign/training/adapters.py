@@ -14,7 +14,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..model_files import check_adapter_weights
 from ..models import LoadedModel, ModelError
+from ..untrusted import json_loads
 
 
 @contextmanager
@@ -41,7 +43,15 @@ def adapter_info(adapter_dir: str | Path) -> dict:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
     path = adapter_dir / ADAPTER_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json_loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise ModelError(f"{path}: expected a JSON object, selfalign's record of the adapter")
+    return info
 
 
 def apply_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
@@ -65,6 +75,7 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
 
 def _check_fits(loaded: LoadedModel, adapter_dir: str | Path) -> None:
     info = adapter_info(adapter_dir)
+    check_adapter_weights(adapter_dir)  # peft would fall back to a pickle, and safetensors fail mid-load
     if info:
         expected, found = info["base_shape"], model_shape(loaded.model)
         if expected != found:

@@ -14,6 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
+from ..untrusted import json_loads, one_line
 from .adapters import _adapter_state
 
 
@@ -28,7 +29,7 @@ def _complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     found = []
     for marker in checkpoints.glob("step-*/complete.json"):
         try:
-            step = json.loads(marker.read_text())["step"]
+            step = json_loads(marker.read_text())["step"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # cut short or not ours: the directory is no complete checkpoint
         if isinstance(step, int):
@@ -48,6 +49,18 @@ def _resume(accelerator, checkpoints: Path, model, optimizer, scheduler, allow_p
 
 
 def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, model, optimizer, scheduler) -> None:
+    """`_write_checkpoint`, whose failure to write (a full disk) is one line naming the checkpoint:
+    safetensors reports one as its own error class, naming no file."""
+    from safetensors import SafetensorError
+
+    try:
+        _write_checkpoint(accelerator, checkpoints, step, keep, model, optimizer, scheduler)
+    except (OSError, SafetensorError) as error:
+        where = getattr(error, "filename", None) or checkpoints / f"step-{step}"
+        raise CheckpointError(f"{where}: cannot save the checkpoint ({one_line(error)})") from None
+
+
+def _write_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, model, optimizer, scheduler) -> None:
     """Write `checkpoints/step-<step>/` as safetensors and JSON, which load without running code:
 
         adapter.safetensors      the LoRA weights only (the frozen base would be 130 GB at 65B)
@@ -186,4 +199,4 @@ def _write_json(path: Path, data) -> None:
 
 
 def _read_json(path: Path):
-    return json.loads(path.read_text())
+    return json_loads(path.read_text())

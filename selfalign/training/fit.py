@@ -33,8 +33,9 @@ def fit_and_compare(stage, loaded: LoadedModel, records: list[dict], chat: ChatF
     if repeated:
         shown = ", ".join(repeated[:10]) + (f" and {len(repeated) - 10} more" if len(repeated) > 10 else "")
         raise ValueError(f"the training records repeat the ids {shown}: each id must appear once. The file "
-                         "they came from is damaged (two processes writing one stage?); rerun the stage that "
-                         "wrote it with --restart (its old files are kept in <stage>.previous/)")
+                         f"they came from ({data_info.get('data') or stage.path}) is damaged (two processes "
+                         "writing one stage?); rerun the stage that wrote it with --restart (its old files are kept "
+                         "in <stage>.previous/)")
     state = process_state()
     settings = train_settings(config)
     examples, drops = build_examples(records, loaded, chat, settings.cutoff, settings.overlong, forbidden)

@@ -20,8 +20,9 @@ from pathlib import Path
 from ..chat_format import ChatFormat
 from ..models import LoadedModel
 from ..records import adapter_path
+from ..untrusted import one_line
 from .adapters import ADAPTER_INFO, _adapter_state, _strip_lora, model_shape, peft_quietly
-from .checkpoints import _resume, _save_checkpoint
+from .checkpoints import CheckpointError, _resume, _save_checkpoint
 from .examples import Example, _collate
 from .model_card import save_tokenizer, template_prefix, write_model_card
 from .settings import TrainSettings, _no_gpu, batch_schedule
@@ -132,8 +133,7 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
         # Under FSDP gathering the full state is collective: every process takes part.
         state = accelerator.get_state_dict(model) if accelerator.distributed_type == "FSDP" else None
         if main:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(adapter_dir, state_dict=_adapter_state(unwrapped, state))
+            _save_adapter(accelerator.unwrap_model(model), adapter_dir, state)
             info = {"base_model": loaded.name, "base_path": loaded.path, "base_shape": model_shape(loaded.model),
                     "bos_prefix": loaded.bos_prefix, "settings": json.loads(json.dumps(asdict(settings))),
                     "seed": seed, "examples": len(examples), "steps": len(schedule),
@@ -156,6 +156,17 @@ def train_lora(loaded: LoadedModel, examples: list[Example], settings: TrainSett
             loaded.model.gradient_checkpointing_disable()
             loaded.model.disable_input_require_grads()  # the hook that checkpointing needed
         loaded.model.eval()
+
+
+def _save_adapter(unwrapped, adapter_dir: Path, state) -> None:
+    """peft's save_pretrained, whose failure to write (a full disk) is one line naming the adapter."""
+    from safetensors import SafetensorError
+
+    try:
+        unwrapped.save_pretrained(adapter_dir, state_dict=_adapter_state(unwrapped, state))
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{getattr(error, 'filename', None) or adapter_dir}: cannot save the adapter "
+                              f"({one_line(error)})") from None
 
 
 def _mixed_precision(choice: str) -> str:
