@@ -29,14 +29,12 @@ from collections import Counter
 from pathlib import Path
 
 from . import __version__
-from .links import refuse_links
-from .records import Run, RunError, named, read_jsonl, write_json_atomic
+from .export_folder import earlier_export, replace_export
+from .records import Run, RunError, named, read_jsonl
 from .untrusted import one_line
 
 NAMES = ("sft", "verbose_sft", "preferences")
 STAGE_ORDER = ("prompts", "self_align", "baseline", "engrave", "verbose", "evaluate")
-# In --out, the list of the files an export wrote: what the next --overwrite removes, and nothing else.
-WRITTEN = ".selfalign-export.json"
 
 
 def features(name: str):
@@ -275,64 +273,16 @@ def dataset_card(run: Run, counts: dict[str, int], notes: dict[str, list[str]]) 
     return "\n".join(lines) + "\n"
 
 
-# Writing ----------------------------------------------------------------------------------------
-
-def _earlier_export(out: Path, overwrite: bool) -> list[str]:
-    """The files an earlier export wrote into `out` (as its WRITTEN list names them), which this one
-    removes; [] for a folder that is not there, or holds no such list (then only the files this
-    export writes are replaced). RunError for an --out that is no folder, or exists without overwrite."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise RunError(f"--out {out} exists and is not a folder")
-    if not out.exists():
-        return []
-    if not overwrite:
-        raise RunError(f"--out {out} exists; pass --overwrite to replace it")
-    listed = out / WRITTEN
-    if not listed.is_file():
-        return []
-    try:
-        files = json.loads(listed.read_text(encoding="utf-8"))["files"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise RunError(f"{listed} is unreadable ({type(error).__name__}); remove it to export into {out}") from None
-    for name in files:  # a hand-edited list must not lead a deletion outside `out`
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts or not name.strip("/."):
-            raise RunError(f"{listed} lists {name!r}, which is no file inside {out}; remove {listed} to export there")
-    return files
-
-
-def _replace_export(building: Path, out: Path, earlier: list[str]) -> None:
-    """Move the files built in `building` into `out`, after removing the `earlier` export's files.
-
-    Only those files go, and the folders they leave empty: anything else a user keeps below `out`
-    stays. `out` and its new folders get the usual permissions (not mkdtemp's 0700)."""
-    written = sorted(str(Path(folder, name).relative_to(building)) for folder, _, names in os.walk(building)
-                     for name in names)
-    for name in {*earlier, *written, WRITTEN}:
-        refuse_links(out / name, start=out)  # a link inside `out` would send a write or a deletion elsewhere
-    for name in earlier:
-        (out / name).unlink(missing_ok=True)
-    for folder in sorted({p for name in earlier for p in Path(name).parents if p != Path(".")},
-                         key=lambda p: -len(p.parts)):
-        try:
-            (out / folder).rmdir()
-        except OSError:  # not empty (a user's file) or already gone: kept
-            pass
-    for name in written:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(building / name, out / name)
-    write_json_atomic(out / WRITTEN, {"files": written})
-
-
 def export_run(run: str, runs_dir: str | os.PathLike = "runs", out: str | os.PathLike = "export",
                overwrite: bool = False, push_to_hub: str | None = None) -> dict[str, int]:
     """Write the three datasets and the card into `out`; returns rows per dataset. The files are
     built beside `out` and moved in once all are written, so a failed export leaves `out` as it was;
-    `overwrite` replaces an earlier export's files and no others (`WRITTEN` lists them)."""
+    `overwrite` replaces an earlier export's files and no others (`export_folder.WRITTEN` lists them)."""
     import datasets
 
     found = open_run(run, runs_dir)
     out = Path(out)
-    earlier = _earlier_export(out, overwrite)
+    earlier = earlier_export(out, overwrite)
     skipped: Counter = Counter()
     rows = {"sft": sft_rows(found), "verbose_sft": verbose_rows(found), "preferences": preference_rows(found, skipped)}
     forbidden = forbidden_texts(found)
@@ -352,7 +302,7 @@ def export_run(run: str, runs_dir: str | os.PathLike = "runs", out: str | os.Pat
             # An empty dataset gets no shard by default, and load_from_disk then fails on it.
             dataset.save_to_disk(str(building / name), num_shards=None if len(dataset) else 1)
         (building / "README.md").write_text(dataset_card(found, counts, notes), encoding="utf-8")
-        _replace_export(building, out, earlier)
+        replace_export(building, out, earlier)
     except OSError as error:  # a full disk: pyarrow's and the writes' errors name no file, or a temporary one
         raise named(error, out) from None
     finally:

@@ -1,27 +1,18 @@
 """Run directories, stage manifests and append-only JSONL records.
 
 Layout: `runs/<run>/run.json` (format version), and per stage `runs/<run>/<stage>/manifest.json`
-plus JSONL files of records. A record is one JSON object on one line, written with a single
-`write` and flushed, so a process killed at any moment (even SIGKILL) leaves at most one partial
-last line; the next writer cuts that line off and skips every key already present, so a rerun
-resumes without duplicates.
+plus JSONL files. A record is one JSON object on one line, written in one flushed `write`, so a
+process killed at any moment leaves at most a partial last line, which the next writer cuts off
+before skipping every key already present. Each record names its schema (`schemas`) and carries
+provenance; reading checks records and manifests again, since either may have been edited by hand.
 
-Each record names its schema (`"schema": "generation/1"`, see `schemas`) and carries provenance
-(model, generation parameters, principle-set hash, seed); reading checks a record against its schema
-again, and a manifest's shape, since either may have been edited by hand. This module does not know
-what stages compute.
-
-One process writes a stage at a time: `Stage.start` takes an OS lock (`flock`, see `locking`) on
-the stage's folder and holds it until the stage finishes or fails or the process ends, however it
-ends, so a kill -9 leaves no stale lock. A stage that ran but kept too little for the
-next one (`Stage.fail`) is marked `failed` with its counts and a one-line `failure` (`shortfall`:
-what it kept, then its drops counted by reason, `drop_reasons`); it is not finished, so the next
-stage refuses it, and a rerun resumes it as it would a running one; a command stopped by an error
-marks the stages it started `failed` the same way (`abandon`, with the error's line). A restart sets the stage's files
-aside in `runs/<run>/<stage>.previous/` rather than deleting them. Every run name goes through
-`Run`, which refuses a name that is not a plain folder name, and nothing in a run directory is
-followed through a symbolic link (see `links`), so nothing is written or deleted outside the runs
-directory.
+`Stage.start` takes an OS lock on the stage's folder (`locking`) until the stage ends or its
+process does. A stage that kept too little for the next one is marked `failed` with a one-line
+`failure` (`Stage.fail`, `shortfall`, `drop_reasons`), as are the stages a command stopped by an
+error had started (`abandon`); the next stage refuses it, a rerun resumes it. A restart sets a
+stage's files aside in `<stage>.previous/`. A run name is one plain folder (`Run`), and nothing in
+a run directory is followed through a symbolic link (`links`), so nothing outside the runs
+directory is written or deleted. This module does not know what stages compute.
 """
 
 from __future__ import annotations
@@ -141,13 +132,18 @@ class Run:
         return found
 
 
-def _read_manifest(path: Path) -> dict:
+def _json_object(path: Path, what: str, hint: str) -> dict:
     try:
         data = json_loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunError(f"{path} is unreadable ({error}); rerun the stage with --restart") from None
+        raise RunError(f"{path} is unreadable ({error}); {hint}") from None
     if not isinstance(data, dict):
-        raise RunError(f"{path}: expected a JSON object, a stage manifest")
+        raise RunError(f"{path}: expected a JSON object, {what}; {hint}")
+    return data
+
+
+def _read_manifest(path: Path) -> dict:
+    data = _json_object(path, "a stage manifest", "rerun the stage with --restart")
     # A manifest edited by hand: every reader relies on these two.
     if data.get("status") not in ("running", "finished", "failed") or not isinstance(data.get("params"), dict):
         found = f"status {quote(data.get('status'))}, params {quote(data.get('params'))}"
@@ -157,12 +153,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _check_format(path: Path) -> None:
-    try:
-        data = json_loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunError(f"{path} is unreadable ({error}); is this a selfalign run directory?") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: expected a JSON object holding 'format_version'; is this a selfalign run directory?")
+    data = _json_object(path, "holding 'format_version'", "is this a selfalign run directory?")
     found = data.get("format_version")
     if found != FORMAT_VERSION:
         raise RunError(
@@ -258,27 +249,24 @@ class Stage:
             raise RunError(str(error)) from None
 
     def finish(self, counts: dict) -> None:
-        manifest = self.manifest()
-        if manifest is None:
-            raise RunError(f"stage {self.name!r} was never started")
-        manifest.update(status="finished", finished_at=_now(), counts=counts)
-        write_json_atomic(self.manifest_path, manifest)
-        _STARTED.pop(self.manifest_path, None)
-        # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
-        # by another process needs the lock too.
-        release_lock(self.path)
+        self._end("finished", counts)
 
     def fail(self, reason: str, counts: dict) -> StageFailed:
         """Mark the started stage `failed` with its counts and a one-line `reason`, release its lock,
         and return the exception for the caller to raise (`raise stage.fail(...)`)."""
+        self._end("failed", counts, failure=reason)
+        return StageFailed(self.name, reason, self.manifest_path)
+
+    def _end(self, status: str, counts: dict, **extra) -> None:
         manifest = self.manifest()
         if manifest is None:
             raise RunError(f"stage {self.name!r} was never started")
-        manifest.update(status="failed", finished_at=_now(), counts=counts, failure=reason)
+        manifest.update(status=status, finished_at=_now(), counts=counts, **extra)
         _STARTED.pop(self.manifest_path, None)
         write_json_atomic(self.manifest_path, manifest)
+        # `selfalign run --direct` runs the next stage in this process; a later rerun of this one
+        # by another process needs the lock too.
         release_lock(self.path)
-        return StageFailed(self.name, reason, self.manifest_path)
 
     def _holds_records(self) -> bool:
         """Whether anything was produced under the recorded settings: a start that failed before its

@@ -111,8 +111,26 @@ def full_disk(name):
                 return Full(handle.detach(), encoding="utf-8")
             return handle
 
+        # A record file is opened by descriptor (os.open without following links, then os.fdopen).
+        descriptors, os_open, fdopen = set(), os.open, os.fdopen
+
+        def os_open_(file, flags, *args, **kwargs):
+            fd = os_open(file, flags, *args, **kwargs)
+            if str(file) == str(target):
+                descriptors.add(fd)
+            return fd
+
+        def fdopen_(fd, mode="r", *args, **kwargs):
+            handle = fdopen(fd, mode, *args, **kwargs)
+            if fd in descriptors and "b" not in mode:
+                descriptors.discard(fd)
+                return Full(handle.detach(), encoding="utf-8")
+            return handle
+
         monkeypatch.setattr(builtins, "open", open_)
         monkeypatch.setattr(io, "open", open_)
+        monkeypatch.setattr(os, "open", os_open_)
+        monkeypatch.setattr(os, "fdopen", fdopen_)
         return target
     return setup
 
