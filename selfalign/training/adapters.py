@@ -51,6 +51,18 @@ def adapter_info(adapter_dir: str | Path) -> dict:
         raise ModelError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(info, dict):
         raise ModelError(f"{path}: expected a JSON object, selfalign's record of the adapter")
+    # Perhaps edited by hand: what applying the adapter and chatting with it read.
+    import dataclasses
+
+    from ..chat_format import ChatFormat
+
+    fields = {field.name for field in dataclasses.fields(ChatFormat)}
+    for key, kind, what in (("base_model", str, "the base model's name"), ("base_shape", dict, "an object"),
+                            ("chat_format", dict, "an object of ChatFormat's fields")):
+        if not isinstance(info.get(key), kind) or key == "chat_format" and not set(info[key]) <= fields:
+            if key in info or key != "chat_format":
+                raise ModelError(f"{path}: {key!r} must be {what}, found {str(info.get(key))[:80]!r}; "
+                                 "retrain the adapter, or restore the file selfalign wrote")
     return info
 
 
