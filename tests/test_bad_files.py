@@ -48,7 +48,7 @@ def stage_two(tmp_path, flag="--prompts", name="prompts.jsonl"):
     prompts = tmp_path / "good.jsonl"
     prompts.write_text('{"id": "a", "prompt": "Hello?"}\n')
     argv = ["stage", "self-align", "--model", "tiny-random", "--run", "r", "--runs-dir", str(tmp_path / "runs"),
-            "--prompts", str(prompts)]
+            "--min-responses", "0", "--prompts", str(prompts)]
     return argv + [flag, str(tmp_path / name)]
 
 

@@ -121,5 +121,6 @@ def test_without_a_stage_3_manifest_the_adapter_says_which_format(tmp_path):
     adapter = tmp_path / "r" / "engrave" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
-    (adapter / "selfalign_adapter.json").write_text(json.dumps({"chat_format": CAMEL}))
+    (adapter / "selfalign_adapter.json").write_text(json.dumps({"base_model": "tiny-random", "base_shape": {},
+                                                                "chat_format": CAMEL}))
     assert evaluate.run_chat_format(Run("r", str(tmp_path))) == ChatFormat(**CAMEL)

@@ -77,7 +77,7 @@ def test_a_second_process_is_refused_while_the_first_holds_the_stage(tmp_path, h
         prompts = tmp_path / "prompts.jsonl"
         prompts.write_text('{"id": "p0", "prompt": "Name a colour."}\n')
         assert main(["stage", "self-align", "--run", "r", "--runs-dir", str(runs), "--model", "tiny-random",
-                     "--prompts", str(prompts), "--restart"]) == 1
+                     "--prompts", str(prompts), "--min-responses", "0", "--restart"]) == 1
         error = capsys.readouterr().err
         assert "run 'r': stage 'self_align' is being run by another process" in error and f"pid {holder.pid}" in error
         assert ids(runs) == Counter({"p0": 1, "p1": 1, "p2": 1})

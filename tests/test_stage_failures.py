@@ -154,9 +154,10 @@ def thousand_principles(folder) -> str:
 # refused before the stage starts: tests/test_settings_validation.py.)
 NOTHING_FITS = {
     "stage-2-1000-principles": ("self_align", lambda folder: ["self-align", "--principles", thousand_principles(folder),
-                                                               "--limit", "2"], "prompt too long 2"),
-    "stage-2-max-new-tokens": ("self_align", lambda folder: ["self-align", "--max-new-tokens", "8190", "--limit", "2"],
-                               "prompt too long 2"),
+                                                               "--limit", "2", "--min-responses", "1"],
+                                "prompt too long 2"),
+    "stage-2-max-new-tokens": ("self_align", lambda folder: ["self-align", "--max-new-tokens", "8190", "--limit", "2",
+                                                              "--min-responses", "1"], "prompt too long 2"),
     "baseline-max-new-tokens": ("baseline", lambda folder: ["baseline", "--max-new-tokens", "8190", "--limit", "2"],
                                 "answered 0 of 2 prompts; drops: prompt too long 2"),
     "stage-1-max-new-tokens": ("prompts", lambda folder: [
@@ -176,3 +177,12 @@ def test_a_stage_whose_every_prompt_is_too_long_exits_non_zero(case, tmp_path, p
     assert message in capsys.readouterr().err
     written = manifest(tmp_path, stage)
     assert written["status"] == "failed" and message in written["failure"] and lock_is_free(tmp_path, stage)
+
+
+def test_stage_two_with_fewer_prompts_than_it_must_keep_stops_before_the_model(tmp_path, prompts_file, capsys):
+    # Two prompts can never give min_responses=5 answers: refused before loading a model or writing a file.
+    argv = ["stage", "self-align", "--limit", "2", "--run", "r", "--runs-dir", str(tmp_path), "--model", "no-such-model",
+            "--prompts", str(prompts_file)]
+    assert main(argv) == 1
+    assert "2 prompts to answer (limit 2), fewer than min_responses=5" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "self_align" / "manifest.json").exists()

@@ -39,7 +39,7 @@ from ..generation.grammar import check_grammar
 from ..config import GenerationSettings
 from ..principles import PrincipleSet, load_principle_set, parse_response, render_prefix, render_prompt
 from ..inputs import PRINCIPLES_DIR, load_prompts
-from ..records import Run, provenance
+from ..records import Run, RunError, provenance
 from ..scoring import ModelScorer
 from ..triggers import format_grammar, principle_scores
 from .common import (check_backend, check_model, check_ranges, check_resume, check_room, drop_reasons, generate_into,
@@ -134,6 +134,10 @@ def run(config: SelfAlignConfig, loaded=None, engine: Engine | None = None, scor
     settings = {**{k: v for k, v in settings_of(config).items() if k != "min_responses"},
                 "principles_hash": principle_set.hash}
     prompts = load_prompts(config.prompts or stage_one_prompts(run_dir))[: config.limit or None]
+    if len(prompts) < config.min_responses:  # could only fail, after loading the model and generating
+        raise RunError(f"{len(prompts)} prompts to answer (limit {config.limit}), fewer than min_responses="
+                       f"{config.min_responses}: stage 2 could not keep enough for stage 3. Generate more prompts "
+                       "in stage 1, raise --limit, or lower --min-responses")
     params = sampling(config, principle_set)
     if params.grammar is not None:
         check_grammar(params.grammar)  # a template whose format cannot be a grammar fails here, not at a batch
