@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         # A read-only or full disk (EROFS, ENOSPC) can meet any write: name the path, not the line of code.
         message = f"{error.filename}: " * bool(error.filename) + f"{error.strerror or error}"
+    except Exception as error:  # anything else is a bug of ours: one line to the user, the traceback on request
+        if os.environ.get("SELFALIGN_TRACEBACK"):
+            raise
+        detail = (str(error).strip().splitlines() or [""])[0][:300]
+        message = (f"internal error, {type(error).__name__}: {detail} (a bug in selfalign: please report it; "
+                   "SELFALIGN_TRACEBACK=1 shows where it happened)")
     # A stage this command started must not be left saying `running`: its manifest says why it stopped.
     abandon(message.splitlines()[0] if message else "stopped by an error")
     print(f"selfalign: error: {message}", file=sys.stderr)

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from selfalign.cli import main
 
 
@@ -78,3 +80,20 @@ def test_chat_with_a_run_that_does_not_exist_creates_nothing(tmp_path, capsys):
     assert main(["chat", "--run", "typo", "--runs-dir", str(runs)]) == 1
     assert "no verbose adapter made by selfalign" in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_a_bug_is_one_line_and_its_traceback_is_there_on_request(tmp_path, capsys, monkeypatch):
+    import selfalign.cli as cli
+
+    def broken(args):
+        raise KeyError("base_shape")
+
+    monkeypatch.setattr(cli, "_status", broken)
+    argv = ["status", "--run", "r", "--runs-dir", str(tmp_path)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert error == ("selfalign: error: internal error, KeyError: 'base_shape' (a bug in selfalign: please report "
+                     "it; SELFALIGN_TRACEBACK=1 shows where it happened)\n")
+    monkeypatch.setenv("SELFALIGN_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        main(argv)
