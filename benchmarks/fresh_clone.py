@@ -62,7 +62,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     names = sorted({k for r in results for k in r["chapters_s"]})
-    print("| rev | exit | wall | peak RSS (kB) | setup and preparing | " + " | ".join(names) + " | evaluation rows |")
+    print("| rev | exit | wall | peak RSS (kB) | setup, preparing, kernel starts (s) | "
+          + " | ".join(names) + " | evaluation rows |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|")
     for r in results:
         cells = [str(r["chapters_s"].get(n, "-")) for n in names]
