@@ -6,6 +6,7 @@ import json
 import pytest
 
 from selfalign import evals as ev
+from selfalign.models import ModelError
 from selfalign.records import Run, RunError
 from selfalign.stages import engrave, evaluate
 from selfalign.chat_format import ChatFormat
@@ -124,3 +125,18 @@ def test_without_a_stage_3_manifest_the_adapter_says_which_format(tmp_path):
     (adapter / "selfalign_adapter.json").write_text(json.dumps({"base_model": "tiny-random", "base_shape": {},
                                                                 "chat_format": CAMEL}))
     assert evaluate.run_chat_format(Run("r", str(tmp_path))) == ChatFormat(**CAMEL)
+
+
+def test_a_damaged_adapter_is_refused_before_the_stage_starts(tmp_path, public_data):
+    # A finished stage 3 whose adapter weights were cut short (a full disk, a bad copy).
+    engraved = Run("r", str(tmp_path)).stage("engrave")
+    engraved.start({})
+    engraved.finish({})
+    engraved.adapter.mkdir()
+    (engraved.adapter / "adapter_config.json").write_text("{}")
+    (engraved.adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    config = evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", benchmarks=["truthfulqa"],
+                                     limit=1, data_dir=str(public_data))
+    with pytest.raises(ModelError, match="adapter_model.safetensors"):
+        evaluate.run(config)
+    assert not (tmp_path / "r" / "evaluate" / "manifest.json").exists()

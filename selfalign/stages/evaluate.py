@@ -37,6 +37,7 @@ from .. import evals as ev, public_data
 from ..chat_format import ChatFormat
 from ..generation import SamplingParams, engine_for
 from ..config import ReplicaSettings, StageSettings
+from ..model_files import check_adapter_weights
 from ..models import load_model
 from ..records import Run, RunError, provenance
 from ..scoring import ModelScorer
@@ -102,6 +103,8 @@ def run(config: EvaluateConfig, loaded=None) -> dict:
         check_model(config.model)
     if config.judge:
         check_model(config.judge)
+    for adapter in filter(None, models.values()):
+        check_adapter_weights(adapter)  # a damaged or pickled adapter fails here, not after the base model's scores
     # The format is a setting: answers and exams asked in two formats must not share a table.
     settings = {**settings_of(config), "models": sorted(models), "chat_format": chat.to_dict(),
                 "chat_format_source": source}
