@@ -143,6 +143,9 @@ def test_a_run_name_with_a_control_character_is_refused_wherever_it_is_read(tmp_
 def test_a_judge_that_does_not_load_fails_before_the_manifest_records_it(tmp_path, tiny, public_data):
     """The judge is loaded before the stage starts: when it fails, nothing records its name, so the
     corrected command (another judge, or none) is not refused as a change of settings."""
+    import torch
+    from safetensors.torch import save_file
+
     from selfalign.chat_format import ChatFormat
 
     judge = tmp_path / "judge"
@@ -152,6 +155,7 @@ def test_a_judge_that_does_not_load_fails_before_the_manifest_records_it(tmp_pat
     engraved.start({"chat_format": ChatFormat.load().to_dict()})
     (engraved.adapter).mkdir()
     (engraved.adapter / "adapter_config.json").write_text("{}")
+    save_file({"unused": torch.zeros(1)}, engraved.adapter / "adapter_model.safetensors")  # whole weights
     engraved.finish({})
     config = evaluate.EvaluateConfig(run="r", runs_dir=str(tmp_path), model="tiny-random", benchmarks=("vicuna",),
                                      data_dir=str(public_data), judge=str(judge), vicuna_limit=1)
