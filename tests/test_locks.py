@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,17 @@ def hold(script, runs, n=3, seconds=120.0, mode="plain"):
     return process, line.split()
 
 
+@contextmanager
+def holding(script, runs, **options):
+    """`hold`'s process for the length of a `with`, killed at its end whatever the test found."""
+    holder, _ = hold(script, runs, **options)
+    try:
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def attempt(script, runs, n=0, mode="plain"):
     return subprocess.run([sys.executable, str(script), "r", str(runs), str(n), "0", mode], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -66,8 +78,7 @@ def ids(runs):
 
 def test_a_second_process_is_refused_while_the_first_holds_the_stage(tmp_path, holder_script, capsys):
     runs = tmp_path / "runs"
-    holder, _ = hold(holder_script, runs)
-    try:
+    with holding(holder_script, runs) as holder:
         for mode in ("plain", "restart"):
             second = attempt(holder_script, runs, n=5, mode=mode)
             assert second.returncode != 0
@@ -83,9 +94,6 @@ def test_a_second_process_is_refused_while_the_first_holds_the_stage(tmp_path, h
         assert ids(runs) == Counter({"p0": 1, "p1": 1, "p2": 1})
         assert not (runs / "r" / "self_align.previous").exists()
         assert holder.poll() is None
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_holder_killed_by_sigkill_leaves_no_lock_and_the_stage_resumes(tmp_path, holder_script):
@@ -107,8 +115,7 @@ def test_a_holder_killed_by_sigkill_leaves_no_lock_and_the_stage_resumes(tmp_pat
 
 def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path, holder_script):
     runs = tmp_path / "runs"
-    holder, _ = hold(holder_script, runs)
-    try:
+    with holding(holder_script, runs) as holder:
         (runs / "r" / ".self_align.lock").unlink()  # what a user cleaning up "stale" files might do
         second = attempt(holder_script, runs, n=5)
         assert second.returncode != 0
@@ -116,23 +123,16 @@ def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path, holde
         assert "stage 'self_align' is being run by another process (pid unknown)" in second.stderr
         assert ids(runs) == Counter({"p0": 1, "p1": 1, "p2": 1})
         assert holder.poll() is None
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_restarted_stage_keeps_its_lock_on_the_new_folder(tmp_path, holder_script):
     runs = tmp_path / "runs"
     assert attempt(holder_script, runs, n=2).returncode == 0
     # The restart sets the locked folder aside as self_align.previous/ and works in a new one.
-    holder, _ = hold(holder_script, runs, n=3, mode="restart")
-    try:
+    with holding(holder_script, runs, mode="restart") as holder:
         second = attempt(holder_script, runs, n=5)
         assert second.returncode != 0 and f"pid {holder.pid}" in second.stderr
         assert ids(runs) == Counter({"p0": 1, "p1": 1, "p2": 1})
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_finish_releases_the_lock_for_the_next_process(tmp_path, holder_script):
