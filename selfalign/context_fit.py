@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 from .chat_format import ChatFormat, read_instruction
 from .evals import load_vicuna_questions
 from .inputs import load_prompts
-from .models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, converted_dir, is_prepared
+from .models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, context_length, converted_dir, is_prepared
 from .principles import load_principle_set, render_prompt
 from .public_data import DataError, seeds_path
 from .red_team import example_pairs, filter_reason, load_red_team_types, load_templates
@@ -70,8 +70,7 @@ class ModelFiles:
 
     @property
     def context(self) -> int:
-        # As the engine reads it (models.LoadedModel.context_length).
-        return int(getattr(self.config, "max_position_embeddings", None) or 2048)
+        return context_length(self.config)  # as the engine reads it
 
     def count(self, text: str) -> int:
         """Tokens of a prompt as the engine encodes it (BOS included where the tokenizer adds one)."""

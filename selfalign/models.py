@@ -201,7 +201,15 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+        return context_length(self.model.config)
+
+
+def context_length(config) -> int:
+    """A model's context as the engine reads it: max_position_embeddings of its config (a transformers
+    config, or config.json's object), 2048 where the config names none."""
+    positions = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    return int(positions or 2048)
 
 
 def check_model(name: str, backend: str = "hf", quantize: str = "") -> None:

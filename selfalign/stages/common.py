@@ -23,7 +23,7 @@ from ..generation import BACKENDS, Completion, Engine, SamplingParams
 from ..inputs import PRINCIPLES_DIR
 from .. import tiny_models
 from ..models import check_model  # noqa: F401  (the stages import it from here with the other checks)
-from ..models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, converted_dir
+from ..models import KNOWN_MODELS, TINY_LLAMA, TINY_RANDOM, context_length, converted_dir
 # drop_reasons and shortfall live beside StageFailed (training uses them too); the stages import them from here.
 from ..records import JsonlWriter, RunError, drop_reasons, read_jsonl, shortfall  # noqa: F401
 
@@ -179,7 +179,7 @@ def _context_length(model: str) -> int | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     positions = config.get("max_position_embeddings", 2048) if isinstance(config, dict) else None
-    return positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+    return context_length(config) if isinstance(positions, int) and not isinstance(positions, bool) else None
 
 
 def check_backend(name: str) -> None:
