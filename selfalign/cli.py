@@ -17,6 +17,7 @@ from .inputs import PromptFileError
 from .records import Run, RunError, abandon, adapter_path
 from .principles import PrincipleError
 from .public_data import DataError
+from .untrusted import one_line
 from .profiles import STAGES, ProfileError, load_profile, resolve, unknown_keys
 
 
@@ -36,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # anything else is a bug of ours: one line to the user, the traceback on request
         if os.environ.get("SELFALIGN_TRACEBACK"):
             raise
-        detail = (str(error).strip().splitlines() or [""])[0][:300]
-        message = (f"internal error, {type(error).__name__}: {detail} (a bug in selfalign: please report it; "
+        message = (f"internal error, {type(error).__name__}: {one_line(error)} (a bug in selfalign: please report it; "
                    "SELFALIGN_TRACEBACK=1 shows where it happened)")
     # A stage this command started must not be left saying `running`: its manifest says why it stopped.
     abandon(message.splitlines()[0] if message else "stopped by an error")
@@ -223,7 +223,8 @@ def _chat(args) -> int:
     from .chat_format import ChatFormat
     from .training import adapter_info, apply_adapter, generation_model
 
-    adapter = adapter_path(Run(args.run, args.runs_dir, create=False).root / args.stage)  # a chat writes nothing in the run
+    # A chat writes nothing in the run, so a mistyped name creates no folder.
+    adapter = adapter_path(Run(args.run, args.runs_dir, create=False).root / args.stage)
     info = adapter_info(adapter) if adapter.exists() else None
     if not info:
         raise RunError(f"no {args.stage} adapter made by selfalign in {adapter}; run `selfalign stage {args.stage} "

@@ -9,11 +9,13 @@ the adapter is `lora.py`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..chat_format import ChatFormat
 from ..model_files import check_adapter_weights
 from ..models import LoadedModel, ModelError
 from ..untrusted import json_loads
@@ -52,10 +54,6 @@ def adapter_info(adapter_dir: str | Path) -> dict:
     if not isinstance(info, dict):
         raise ModelError(f"{path}: expected a JSON object, selfalign's record of the adapter")
     # Perhaps edited by hand: what applying the adapter and chatting with it read.
-    import dataclasses
-
-    from ..chat_format import ChatFormat
-
     fields = {field.name for field in dataclasses.fields(ChatFormat)}
     for key, kind, what in (("base_model", str, "the base model's name"), ("base_shape", dict, "an object"),
                             ("chat_format", dict, "an object of ChatFormat's fields")):
